@@ -1,0 +1,22 @@
+"""llmk_lab: compose model x data x compression x PEFT x hardware into reproducible, tracked runs."""
+
+__version__ = "0.1.0"
+
+
+def register_all() -> None:
+    """Import every registry so their schemas are in Hydra's ConfigStore before composing."""
+    from llmk_lab import compression, config, data, peft, tasks  # noqa: F401
+
+    config.register_schemas()
+
+
+def _quiet_third_party_import_noise() -> None:
+    # torchao probes for GPU kernels at import and logs each one it cannot load
+    # on a CPU build; torch logs a deprecation from torchao's pytree registration.
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_quiet_third_party_import_noise()

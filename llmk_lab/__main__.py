@@ -1,0 +1,3 @@
+from llmk_lab.cli import main
+
+main()

@@ -1,0 +1,91 @@
+"""Command line: `python -m llmk_lab [overrides]` / `llmk_lab [overrides]`, Hydra underneath."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from llmk_lab import register_all
+from llmk_lab.errors import UserError
+from llmk_lab.manifest import write_json
+
+log = logging.getLogger("llmk_lab")
+
+
+def config_dir() -> str:
+    """`conf/` of the source tree (editable install) or the copy shipped in the package."""
+    source = Path(__file__).resolve().parent.parent / "conf"
+    return str(source if source.is_dir() else Path(__file__).resolve().parent / "conf")
+
+
+def _holds_no_result(run_dir: Path) -> bool:
+    return all(p.name in (".hydra", "llmk_lab.log", "manifest.json", "config.yaml", "csv", "wandb")
+               for p in run_dir.iterdir())
+
+
+def _quiet_library_chatter() -> None:
+    """Keep the console to what a user acts on: progress, warnings about their run, the result."""
+    import warnings
+
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    logging.getLogger("lightning_fabric").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*")
+    warnings.filterwarnings("ignore", message=r".*weights_only.*")
+
+
+def run_job(cfg: DictConfig) -> float:
+    """Run one job; the return value is the metric Hydra's sweepers optimise.
+
+    Bad input in a single run: one line on stderr, exit code 2, and the run
+    directory removed when it holds nothing but what this run just wrote.
+    In a multirun a failing job is recorded in `failed.json` and the sweep goes on.
+    """
+    from llmk_lab.run import run  # heavy imports after Hydra has parsed the command line
+
+    _quiet_library_chatter()
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    overrides = list(hydra_cfg.overrides.task)
+    name = hydra_cfg.job.override_dirname or "default"
+    group = Path(hydra_cfg.sweep.dir).name if multirun else None
+    try:
+        metrics = run(cfg, run_dir, run_name=name, group=group, overrides=overrides)
+    except (UserError, Exception) as err:  # noqa: B014  (UserError first: it is the expected case)
+        line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, UserError) and not multirun and not os.environ.get("HYDRA_FULL_ERROR"):
+            if _holds_no_result(run_dir):
+                shutil.rmtree(run_dir, ignore_errors=True)
+            else:
+                write_json(run_dir / "failed.json", {"error": line, "type": type(err).__name__})
+            print(f"error: {line}", file=sys.stderr)
+            sys.exit(2)
+        write_json(run_dir / "failed.json", {"error": line, "type": type(err).__name__, "overrides": overrides,
+                                             "traceback": traceback.format_exc()})
+        if multirun:
+            log.error("job failed: %s", line)
+            return math.nan
+        raise
+    value = metrics.get(cfg.optimized_metric, math.nan)
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def main() -> None:
+    register_all()
+    # Hydra reads sys.argv itself; the decorator is applied here so the config
+    # directory can be found at run time.
+    hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(run_job)()
+
+
+if __name__ == "__main__":
+    main()

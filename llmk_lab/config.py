@@ -1,0 +1,188 @@
+"""Schemas of the config nodes that every run has (model, data, train, hardware, logger).
+
+Method-specific nodes (`compression`, `peft`) get their schema from the method's
+registry entry. Every field has a docstring-style comment: this file is the
+reference for what a key means. Range checks live in `__post_init__` and raise
+`InvalidValue`, which the registry turns into one line naming the full key.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+
+from llmk_lab.errors import check
+
+
+@dataclass
+class ModelConfig:
+    # `asset:NAME` (an offline asset, see `python -m llmk_lab.assets list`),
+    # a local directory with a Hugging Face model, or a hub model id.
+    name_or_path: Optional[str] = "asset:minilm-l6"
+    # Build a fresh, randomly initialised model from this config instead of
+    # loading weights (tiny test models): keys of the transformers config class.
+    from_config: Optional[dict[str, Any]] = None
+    # Tokenizer to use when it differs from `name_or_path` (same forms allowed).
+    tokenizer: Optional[str] = None
+    revision: Optional[str] = None
+    # Running code shipped with a hub model is opt-in.
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        check(bool(self.name_or_path) or self.from_config is not None, "name_or_path", self.name_or_path,
+              "a model path, hub id or asset:NAME (or set model.from_config)")
+
+
+@dataclass
+class DataConfig:
+    # Registered dataset (`movie_reviews`, ...) or a loader for user files.
+    name: str = "movie_reviews"
+    # Task the data is for; null lets the dataset decide.
+    task: Optional[str] = None
+    # Input file or directory for datasets read from the user's disk.
+    path: Optional[str] = None
+    text_column: str = "text"
+    text_pair_column: Optional[str] = None
+    label_column: str = "label"
+    # Tokens per example; longer inputs are truncated.
+    max_length: int = 64
+    # Use at most this many training / evaluation examples (null: all).
+    limit_train: Optional[int] = None
+    limit_eval: Optional[int] = None
+    # Seed of the fixed train/val/test split of datasets that ship without one;
+    # independent of the run seed so every run of a sweep sees the same split.
+    split_seed: int = 0
+    val_size: int = 1000
+    test_size: int = 1000
+    # Extra options a particular dataset understands.
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check(self.max_length >= 8, "max_length", self.max_length, "an integer >= 8")
+        for key in ("limit_train", "limit_eval"):
+            value = getattr(self, key)
+            check(value is None or value > 0, key, value, "a positive integer or null")
+        check(self.val_size > 0, "val_size", self.val_size, "a positive integer")
+        check(self.test_size > 0, "test_size", self.test_size, "a positive integer")
+
+
+SCHEDULERS = ("linear", "cosine", "constant")
+
+
+@dataclass
+class TrainConfig:
+    max_epochs: int = 1
+    # Stop after this many optimiser steps (-1: run `max_epochs`).
+    max_steps: int = -1
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    # Learning-rate schedule after warm-up: linear | cosine | constant.
+    scheduler: str = "linear"
+    # Fraction of the optimiser steps spent warming up linearly from 0.
+    warmup_ratio: float = 0.06
+    grad_clip: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    # Run one batch of each stage only (smoke test).
+    fast_dev_run: bool = False
+    # Validate during fit every N epochs (0: only at the end).
+    val_every_n_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        check(self.max_epochs >= 1, "max_epochs", self.max_epochs, "an integer >= 1")
+        check(self.max_steps == -1 or self.max_steps > 0, "max_steps", self.max_steps, "-1 or a positive integer")
+        check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
+        check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
+        check(self.lr > 0, "lr", self.lr, "a positive number")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        check(self.scheduler in SCHEDULERS, "scheduler", self.scheduler, f"one of {list(SCHEDULERS)}")
+        check(0 <= self.warmup_ratio < 1, "warmup_ratio", self.warmup_ratio, "a number in [0, 1)")
+        check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "a positive number or null")
+        check(self.accumulate_grad_batches >= 1, "accumulate_grad_batches", self.accumulate_grad_batches, "an integer >= 1")
+        check(self.val_every_n_epochs >= 0, "val_every_n_epochs", self.val_every_n_epochs, "an integer >= 0")
+
+
+@dataclass
+class HardwareConfig:
+    # Lightning accelerator: cpu | gpu | auto.
+    accelerator: str = "cpu"
+    devices: Any = 1
+    num_nodes: int = 1
+    # Lightning strategy: auto | ddp | fsdp | ...
+    strategy: str = "auto"
+    # Lightning precision: 32-true | bf16-mixed | 16-mixed | ...
+    precision: str = "32-true"
+    # CPU threads for torch (null: torch's default, one per core).
+    threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        check(self.accelerator in ("cpu", "gpu", "cuda", "mps", "auto"), "accelerator", self.accelerator,
+              "one of ['cpu', 'gpu', 'cuda', 'mps', 'auto']")
+        check(self.num_nodes >= 1, "num_nodes", self.num_nodes, "an integer >= 1")
+        check(self.threads is None or self.threads >= 1, "threads", self.threads, "a positive integer or null")
+
+
+LOGGER_KINDS = ("wandb", "csv", "none")
+
+
+@dataclass
+class LoggerConfig:
+    # wandb | csv | none. A CSV log is always written to the run directory too.
+    kind: str = "wandb"
+    project: str = "llmk_lab"
+    entity: Optional[str] = None
+    # auto: online when a W&B API key is configured, offline otherwise.
+    mode: str = "auto"
+    # W&B group: a multirun uses its sweep directory's name unless set.
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        check(self.kind in LOGGER_KINDS, "kind", self.kind, f"one of {list(LOGGER_KINDS)}")
+        check(self.mode in ("auto", "online", "offline", "disabled"), "mode", self.mode,
+              "one of ['auto', 'online', 'offline', 'disabled']")
+
+
+@dataclass
+class ExportConfig:
+    # Lightning checkpoint of the final state.
+    checkpoint: bool = True
+    # PEFT adapter (`save_pretrained`, safetensors).
+    adapter: bool = True
+    # The adapted model with adapters merged into plain weights, loadable with
+    # `from_pretrained` (only for strategies that can be merged).
+    merged: bool = False
+
+
+@dataclass
+class MeasureConfig:
+    # Batch sizes for the CPU latency / throughput measurement (empty: skip).
+    latency_batch_sizes: list[int] = field(default_factory=list)
+    latency_repeats: int = 5
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    # The PEFT strategy: schema from the `peft` registry, selected by `peft.method`.
+    peft: Any = None
+    # The compression method (or `chain`): schema from the `compression` registry.
+    compression: Any = None
+    train: TrainConfig = field(default_factory=TrainConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
+    seed: int = 42
+    # Metric the run returns to Hydra's sweepers (e.g. Optuna).
+    optimized_metric: str = "test/acc"
+    # Where the run writes its outputs; set by Hydra.
+    run_dir: Optional[str] = None
+
+
+def register_schemas() -> None:
+    ConfigStore.instance().store(name="schema_run", node=RunConfig)

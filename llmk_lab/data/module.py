@@ -1,0 +1,83 @@
+"""Tokenised splits, cached on disk by fingerprint, served as a Lightning data module."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader
+
+from llmk_lab.assets import cache_root
+from llmk_lab.data import SPLITS, RawData
+
+log = logging.getLogger(__name__)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    return hashlib.sha256(f"{type(tokenizer).__name__}|{spec}".encode()).hexdigest()[:16]
+
+
+def cache_key(raw: RawData, task_name: str, tokenizer, data_cfg) -> str:
+    parts = [raw.fingerprint(), task_name, tokenizer_fingerprint(tokenizer), str(data_cfg.max_length),
+             json.dumps(dict(data_cfg.options), sort_keys=True, default=str)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def tokenize_cached(raw: RawData, task, tokenizer, data_cfg) -> tuple[dict[str, list[dict]], bool]:
+    """Tokenise every split once per (data, tokenizer, max length); returns (splits, cache_hit)."""
+    key = cache_key(raw, task.registered_name, tokenizer, data_cfg)
+    path = cache_root() / "tokenized" / f"{key}.pt"
+    if path.exists():
+        return torch.load(path, weights_only=True), True
+    splits = {split: task.tokenize(tokenizer, raw.splits[split], data_cfg) for split in SPLITS}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write then rename, so a parallel job never reads a half-written file.
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as handle:
+        torch.save(splits, handle)
+    os.replace(handle.name, path)
+    return splits, False
+
+
+class TaskDataModule(pl.LightningDataModule):
+    def __init__(self, raw: RawData, task, tokenizer, data_cfg, train_cfg, seed: int):
+        super().__init__()
+        self.raw, self.task, self.tokenizer = raw, task, tokenizer
+        self.data_cfg, self.train_cfg, self.seed = data_cfg, train_cfg, seed
+        self.splits, self.cache_hit = tokenize_cached(raw, task, tokenizer, data_cfg)
+        log.info("tokenised data: %s (cache %s)", {k: len(v) for k, v in self.splits.items()},
+                 "hit" if self.cache_hit else "miss")
+        self.collate = task.collator(tokenizer)
+
+    def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
+        examples = self.splits[split]
+        if not shuffle:
+            # Evaluation order does not change the metrics; sorting by length
+            # keeps padding, and so evaluation time, to a minimum.
+            examples = sorted(examples, key=lambda e: len(e["input_ids"]))
+        # A dedicated generator makes the shuffling order a function of the seed alone.
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(examples, batch_size=batch_size, shuffle=shuffle,
+                          collate_fn=self.collate, generator=generator, num_workers=0)
+
+    def train_dataloader(self):
+        return self._loader("train", True, self.train_cfg.batch_size)
+
+    def val_dataloader(self):
+        return self._loader("validation", False, self.train_cfg.eval_batch_size)
+
+    def test_dataloader(self):
+        return self._loader("test", False, self.train_cfg.eval_batch_size)
+
+    def calibration_batches(self, n_examples: int, batch_size: Optional[int] = None) -> list[dict]:
+        """The first `n_examples` training examples (a fixed, seeded subset) for one-shot compression."""
+        loader = DataLoader(self.splits["train"][:n_examples], batch_size=batch_size or self.train_cfg.eval_batch_size,
+                            shuffle=False, collate_fn=self.collate)
+        return list(loader)

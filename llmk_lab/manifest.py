@@ -1,0 +1,73 @@
+"""The manifest: everything needed to rerun a run and to know what it ran on.
+
+Environment variables are never recorded (they hold credentials such as W&B keys).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGES = ("llmk_lab", "torch", "transformers", "peft", "pytorch-lightning", "hydra-core", "omegaconf",
+            "torchmetrics", "wandb", "safetensors", "tokenizers", "torchao", "datasets", "seqeval")
+
+
+def git_state(directory: Path) -> dict[str, Any]:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(directory), *args], capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if not commit:
+        return {"commit": None, "dirty": None}
+    return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def package_versions() -> dict[str, str | None]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def hardware() -> dict[str, Any]:
+    info = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cuda_available": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        info["cuda_version"] = torch.version.cuda
+    return info
+
+
+def build_manifest(seed: int, overrides: list[str], assets_used: dict[str, Any], data_source: dict[str, Any]) -> dict:
+    return {
+        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "overrides": overrides,
+        "seed": seed,
+        "git": git_state(Path(__file__).resolve().parent),
+        "python": sys.version.split()[0],
+        "packages": package_versions(),
+        "hardware": hardware(),
+        "assets": assets_used,
+        "data": data_source,
+    }
+
+
+def write_json(path: Path, payload: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)

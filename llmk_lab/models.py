@@ -1,0 +1,104 @@
+"""Loading a pretrained model and tokenizer with the task's head.
+
+`model.name_or_path` is `asset:NAME`, a local directory, or a hub id; a tiny
+model can be built from `model.from_config` for tests.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer
+
+from llmk_lab import assets
+from llmk_lab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+# Linear layers inside the transformer blocks, per architecture: the default
+# targets of pruning and LoRA. Regexes over module names, so the pooler and the
+# task head (also called `dense` in BERT) are left alone.
+BLOCK_LINEARS = {
+    "bert": r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$",
+    "llama": r".*\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))$",
+}
+
+
+def block_linear_pattern(model) -> str:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in BLOCK_LINEARS:
+        raise UserError(f"model type {model_type!r} has no default layer pattern; set the method's "
+                        f"`target_modules` (known types: {sorted(BLOCK_LINEARS)})")
+    return BLOCK_LINEARS[model_type]
+
+
+def _resolve(reference: str, key: str) -> tuple[str, str | None]:
+    """(path or hub id, asset name or None); a path that does not exist is refused here."""
+    path, asset = assets.resolve(reference)
+    if asset is not None:
+        return path, asset
+    local = Path(reference).expanduser()
+    if local.exists():
+        return str(local), None
+    # Hub ids are `name` or `org/name`; anything else is meant as a local path.
+    if reference.startswith(("/", ".", "~")) or reference.count("/") > 1:
+        raise UserError(f"{key}={reference!r}: no such directory; give an existing local model directory, "
+                        f"a hub model id, or asset:NAME (one of {sorted(assets.ASSETS)})")
+    return reference, None
+
+
+def load_tokenizer(model_cfg):
+    reference = model_cfg.tokenizer or model_cfg.name_or_path
+    if reference is None:
+        raise UserError("model.tokenizer is required when model.name_or_path is null")
+    path, _ = _resolve(reference, "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision,
+                                                  trust_remote_code=model_cfg.trust_remote_code)
+    except OSError as err:
+        raise UserError(f"model.name_or_path={reference!r}: cannot load a tokenizer ({str(err).splitlines()[0]})") from None
+    if tokenizer.pad_token is None:
+        # Causal LMs often ship without a pad token; padding positions are masked anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_cfg, task, tokenizer):
+    """The pretrained model with `task`'s head (newly initialised when the checkpoint lacks it)."""
+    kwargs = task.model_kwargs()
+    if model_cfg.from_config is not None:
+        spec = dict(model_cfg.from_config)
+        config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer), **spec, **kwargs)
+        config.pad_token_id = tokenizer.pad_token_id
+        model = task.auto_class.from_config(config)
+        return model, {"from_config": dict(model_cfg.from_config)}
+    path, asset = _resolve(model_cfg.name_or_path, "model.name_or_path")
+    try:
+        model = task.auto_class.from_pretrained(path, revision=model_cfg.revision, dtype=torch.float32,
+                                                trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+    except OSError as err:
+        raise UserError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load "
+                        f"({str(err).splitlines()[0]})") from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    info = {"name_or_path": model_cfg.name_or_path, "resolved": path}
+    if asset:
+        info.update(asset=asset, sha256=assets.checksum(asset))
+    return model, info
+
+
+def convert_gguf(gguf_file: Path, dest: Path) -> None:
+    """Dequantise a GGUF checkpoint to a plain fp32 Hugging Face folder (done once, cached)."""
+    from transformers import AutoModelForCausalLM
+
+    log.info("converting %s to a Hugging Face folder (once)", gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    # The loader marks the model as quantised; it is plain fp32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)

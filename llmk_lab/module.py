@@ -1,0 +1,89 @@
+"""The Lightning module: one for every task, so the training loop is written once."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
+
+
+class TaskModule(pl.LightningModule):
+    def __init__(self, model: nn.Module, task, train_cfg):
+        super().__init__()
+        self.model, self.task, self.train_cfg = model, task, train_cfg
+        self.metrics = nn.ModuleDict({"val": task.metrics(), "test": task.metrics()})
+        # Functions (batch, outputs, loss) -> loss added by fit-time methods
+        # (e.g. distillation), applied in order to the task loss.
+        self.loss_terms: list[Callable[[dict, Any, torch.Tensor], torch.Tensor]] = []
+
+    def forward(self, batch: dict) -> Any:
+        return self.model(**batch)
+
+    def training_step(self, batch, batch_idx):
+        outputs = self(batch)
+        loss = outputs.loss
+        for term in self.loss_terms:
+            loss = term(batch, outputs, loss)
+        self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=len(batch["input_ids"]))
+        return loss
+
+    def _eval_step(self, stage: str, batch) -> None:
+        outputs = self(batch)
+        self.task.update_metrics(self.metrics[stage], batch, outputs)
+        self.log(f"{stage}/loss", outputs.loss, on_epoch=True, batch_size=len(batch["input_ids"]))
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step("val", batch)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step("test", batch)
+
+    def _log_epoch(self, stage: str) -> None:
+        values = self.task.compute_metrics(self.metrics[stage])
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items()}, prog_bar=stage == "val")
+        self.metrics[stage].reset()
+
+    def on_validation_epoch_end(self):
+        self._log_epoch("val")
+
+    def on_test_epoch_end(self):
+        self._log_epoch("test")
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, param in self.model.named_parameters():
+            if not param.requires_grad:
+                continue
+            # Biases and LayerNorm weights are not decayed (the BERT recipe).
+            (no_decay if param.ndim < 2 else decay).append(param)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.train_cfg.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}], lr=self.train_cfg.lr)
+        total = int(self.trainer.estimated_stepping_batches)
+        scheduler = get_scheduler(SCHEDULER_NAMES[self.train_cfg.scheduler], optimizer,
+                                  num_warmup_steps=int(self.train_cfg.warmup_ratio * total),
+                                  num_training_steps=total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+class ThroughputMonitor(pl.Callback):
+    """Training examples per second over the optimisation steps (data loading excluded)."""
+
+    def __init__(self):
+        self.examples, self.seconds, self._start = 0, 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.seconds += time.perf_counter() - self._start
+        self.examples += len(batch["input_ids"])
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds else 0.0

@@ -1,0 +1,16 @@
+"""`none`: the pretrained model stays frozen and only the task head trains (a linear probe)."""
+from dataclasses import dataclass
+
+from llmk_lab.peft import PEFT, PeftStrategy, head_parameter_names, train_only
+
+
+@dataclass
+class LinearProbeConfig:
+    method: str = "none"
+
+
+@PEFT.register("none", config=LinearProbeConfig)
+class LinearProbe(PeftStrategy):
+    def apply(self, model, ctx):
+        train_only(model, set(head_parameter_names(model, ctx.task)))
+        return model

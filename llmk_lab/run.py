@@ -1,0 +1,219 @@
+"""One resolved config -> one run directory -> one tracked run.
+
+`run` reads top to bottom as the stages of a run; each stage is a plain
+function of a few arguments. Methods say when they act (before, during or
+after fit); nothing here names a particular method.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from llmk_lab.compression import CompressionMethod, build_methods
+from llmk_lab.compression.masks import MaskKeeper, mask_lora_updates, masked_linears, reapply_masks, sparsity_report
+from llmk_lab.config import RunConfig
+from llmk_lab.context import RunContext
+from llmk_lab.data import load_data
+from llmk_lab.data.module import TaskDataModule
+from llmk_lab.errors import UserError
+from llmk_lab.manifest import build_manifest, write_json
+from llmk_lab.measure import parameter_counts, peak_memory_mb
+from llmk_lab.models import load_model, load_tokenizer
+from llmk_lab.module import TaskModule, ThroughputMonitor
+from llmk_lab.peft import PEFT, PeftStrategy
+from llmk_lab.registry import to_settings
+from llmk_lab.tasks import get_task
+from llmk_lab import tracking
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """The validated config and the objects it names, built before any heavy work."""
+    settings: RunConfig
+    methods: list[CompressionMethod]
+    strategy: PeftStrategy
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """Check every value and combination up front, so bad input fails before anything is written."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    values: dict[str, Any] = {}
+    for field in dataclasses.fields(RunConfig):
+        node = plain.get(field.name)
+        if field.default_factory is not dataclasses.MISSING:  # a nested schema: validate it under its key
+            values[field.name] = to_settings(type(field.default_factory()), node or {}, field.name)
+        else:
+            values[field.name] = node
+    settings = RunConfig(**values)
+    compression_node, peft_node = settings.compression, settings.peft
+    methods = build_methods(compression_node or {"method": "none"})
+    strategy = PEFT.build(peft_node or {"method": "none"}, "peft")
+    if settings.export.merged and not strategy.mergeable:
+        raise UserError(f"export.merged=true is not possible with peft.method={strategy.registered_name!r}: "
+                        "its update cannot be folded into the weights")
+    return Plan(settings, methods, strategy)
+
+
+def build_trainer(settings: RunConfig, loggers: list, callbacks: list, run_dir: Path) -> pl.Trainer:
+    hw, train = settings.hardware, settings.train
+    return pl.Trainer(
+        accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, strategy=hw.strategy,
+        precision=hw.precision, max_epochs=train.max_epochs, max_steps=train.max_steps,
+        gradient_clip_val=train.grad_clip, accumulate_grad_batches=train.accumulate_grad_batches,
+        log_every_n_steps=train.log_every_n_steps, fast_dev_run=train.fast_dev_run,
+        check_val_every_n_epoch=train.val_every_n_epochs or train.max_epochs + 1,
+        num_sanity_val_steps=0, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
+        enable_checkpointing=False, enable_model_summary=False, deterministic="warn",
+    )
+
+
+def evaluate(trainer: pl.Trainer, module: TaskModule, datamodule) -> dict[str, float]:
+    results: dict[str, float] = {}
+    for stage_results in (trainer.validate(module, datamodule=datamodule, verbose=False),
+                          trainer.test(module, datamodule=datamodule, verbose=False)):
+        for entry in stage_results:
+            results.update({k: float(v) for k, v in entry.items()})
+    return results
+
+
+def measure_sparsity(ctx: RunContext, strategy: PeftStrategy, methods) -> dict[str, Any]:
+    """Sparsity of the pruned layers in the trained model, and after merging the adapter."""
+    masked = masked_linears(ctx.model)
+    if not masked:
+        return {}
+    figures: dict[str, Any] = {"sparsity/pruned_layers": sparsity_report(ctx.model, masked)["overall"]}
+    requested = [m.settings.sparsity for m in methods if hasattr(m.settings, "sparsity")]
+    if requested:
+        figures["sparsity/requested"] = requested[-1]
+    if strategy.mergeable:
+        merged = strategy.merged(copy.deepcopy(ctx.model))
+        reapply_masks(merged)
+        report = sparsity_report(merged)
+        figures["sparsity/after_merge"] = report["overall"]
+        ctx.reports["sparsity_per_layer_after_merge"] = report["per_layer"]
+    return figures
+
+
+def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict[str, str]:
+    settings, run_dir, written = ctx.settings, ctx.run_dir, {}
+    if settings.export.checkpoint and not settings.train.fast_dev_run:
+        path = run_dir / "checkpoints" / "last.ckpt"
+        trainer.save_checkpoint(path)
+        written["checkpoint"] = str(path)
+    if settings.export.adapter and strategy.save_adapter(ctx.model, run_dir / "adapter"):
+        written["adapter"] = str(run_dir / "adapter")
+    if settings.export.merged:
+        merged = strategy.merged(copy.deepcopy(ctx.model))
+        reapply_masks(merged)
+        merged.save_pretrained(run_dir / "merged", safe_serialization=True)
+        ctx.tokenizer.save_pretrained(run_dir / "merged")
+        written["merged"] = str(run_dir / "merged")
+    return written
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    rows = [(k, metrics[k]) for k in metrics if isinstance(metrics[k], (int, float, str)) and "/" in k]
+    rows.append(("run_dir", metrics["run_dir"]))
+    width = max(len(k) for k, _ in rows)
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return str(value)
+        return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
+
+    return "\n".join(f"  {k:<{width}}  {fmt(v)}" for k, v in rows)
+
+
+def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[str] = None,
+        overrides: Optional[list[str]] = None) -> dict[str, Any]:
+    started = time.perf_counter()
+    # 0. validate everything before doing anything expensive
+    p = plan(cfg)
+    settings = p.settings
+    if settings.hardware.threads:
+        torch.set_num_threads(settings.hardware.threads)
+    pl.seed_everything(settings.seed, workers=True, verbose=False)
+
+    # 2-3. data and model
+    raw = load_data(settings.data)
+    task = get_task(raw.task, raw.labels)
+    tokenizer = load_tokenizer(settings.model)
+    datamodule = TaskDataModule(raw, task, tokenizer, settings.data, settings.train, settings.seed)
+    model, model_info = load_model(settings.model, task, tokenizer)
+
+    # 1. manifest (after the assets are resolved, so their checksums are known)
+    write_json(run_dir / "manifest.json", build_manifest(settings.seed, overrides or [], {"model": model_info},
+                                                         raw.source))
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    ctx = RunContext(settings=settings, run_dir=run_dir, task=task, tokenizer=tokenizer, model=model,
+                     datamodule=datamodule)
+
+    # 4. one-shot compression
+    for method in p.methods:
+        method.before_fit(ctx)
+
+    # 5. adaptation; pruning masks are kept through it
+    ctx.model = p.strategy.apply(ctx.model, ctx)
+    mask_lora_updates(ctx.model)
+
+    # 6. fit
+    ctx.module = TaskModule(ctx.model, task, settings.train)
+    throughput = ThroughputMonitor()
+    callbacks = [throughput, *p.strategy.callbacks(ctx)]
+    if masked_linears(ctx.model):
+        callbacks.append(MaskKeeper(ctx.model))
+    for method in p.methods:
+        callbacks.extend(method.callbacks(ctx))
+    loggers = tracking.build_loggers(settings.logger, run_dir, run_name, group,
+                                     OmegaConf.to_container(cfg, resolve=True))
+    failed = True
+    try:
+        trainer = build_trainer(settings, loggers, callbacks, run_dir)
+        # Pretrained models load in eval mode; Lightning keeps each submodule's
+        # mode, so switch to train mode explicitly (dropout on).
+        ctx.module.train()
+        trainer.fit(ctx.module, datamodule=datamodule)
+        train_figures = {"train/examples_per_s": throughput.examples_per_second,
+                         "train/peak_memory_mb": peak_memory_mb(), "train/examples": throughput.examples,
+                         "train/steps": trainer.global_step, "train/seconds": throughput.seconds}
+
+        # 7. post-training compression
+        for method in p.methods:
+            method.after_fit(ctx)
+
+        # 8. evaluate and measure
+        metrics: dict[str, Any] = evaluate(trainer, ctx.module, datamodule)
+        params = parameter_counts(ctx.model)
+        metrics.update({f"params/{k}": v for k, v in params.items()})
+        metrics.update(measure_sparsity(ctx, p.strategy, p.methods))
+        metrics.update(train_figures)
+
+        # 9. export and log
+        written = export(ctx, p.strategy, trainer)
+        metrics.update({
+            "data/train_examples": len(raw.splits["train"]),
+            "data/tokenization_cache_hit": datamodule.cache_hit,
+            "wall_time_s": time.perf_counter() - started,
+            "run_dir": str(run_dir),
+            "exports": written,
+            "compression": [{"method": m.registered_name, **m.report} for m in p.methods],
+            **ctx.reports,
+        })
+        write_json(run_dir / "metrics.json", metrics)
+        tracking.log_summary(loggers, metrics)
+        failed = False
+    finally:
+        tracking.finish(loggers, failed=failed)
+    log.info("results\n%s", summary_table(metrics))
+    return metrics

@@ -1,0 +1,70 @@
+"""End-to-end runs of the pipeline on a tiny model, in-process."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llmk_lab.compression.masks import MASK
+from tests.conftest import read_metrics, run_config
+
+
+def test_tiny_run_writes_a_complete_run_directory(tmp_path, tiny):
+    metrics = run_config(tiny + ["export.checkpoint=true", "export.merged=true"], tmp_path)
+    for name in ("metrics.json", "manifest.json", "config.yaml", "checkpoints/last.ckpt",
+                 "adapter/adapter_model.safetensors", "merged/model.safetensors", "csv/metrics.csv"):
+        assert (tmp_path / name).exists(), name
+    on_disk = read_metrics(tmp_path)
+    assert on_disk["test/acc"] == pytest.approx(metrics["test/acc"])
+    for key in ("val/acc", "val/macro_f1", "test/acc", "test/macro_f1", "params/total", "params/trainable",
+                "train/examples_per_s", "train/peak_memory_mb", "wall_time_s", "run_dir"):
+        assert key in on_disk, key
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["seed"] == 42 and manifest["packages"]["torch"]
+    assert manifest["data"]["sizes"] == {"train": 64, "validation": 32, "test": 32}
+    assert manifest["data"]["sha256"] and "git" in manifest and "hardware" in manifest
+
+
+def test_magnitude_pruning_reaches_the_requested_sparsity_and_survives_lora_merge(tmp_path, tiny):
+    metrics = run_config(tiny + ["compression.sparsity=0.7", "export.merged=true"], tmp_path)
+    assert metrics["sparsity/pruned_layers"] == pytest.approx(0.7, abs=0.005)
+    assert metrics["sparsity/after_merge"] == pytest.approx(0.7, abs=0.005)
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    linear = [k for k in merged if ".layer." in k and k.endswith("weight") and merged[k].ndim == 2]
+    assert len(linear) == 12  # 2 layers x (q, k, v, o, up, down)
+    for key in linear:
+        assert (merged[key] == 0).float().mean().item() == pytest.approx(0.7, abs=0.01), key
+
+
+def test_lora_trains_only_adapters_and_head(tmp_path, tiny):
+    from tests.conftest import compose_config
+    from llmk_lab.run import run
+
+    metrics = run_config(tiny, tmp_path)
+    # LoRA r=8 on 2 layers x 6 linears of a 32-wide BERT (intermediate 64):
+    # q,k,v,o: 8*(32+32) each; up: 8*(32+64); down: 8*(64+32); plus the 2-class head.
+    lora = 2 * (4 * 8 * 64 + 2 * 8 * 96)
+    head = 32 * 2 + 2
+    assert metrics["params/trainable"] == lora + head
+
+
+def test_full_fine_tuning_keeps_pruned_weights_at_zero(tmp_path, tiny):
+    metrics = run_config(tiny + ["peft=full", "compression.sparsity=0.5"], tmp_path)
+    assert metrics["sparsity/pruned_layers"] == pytest.approx(0.5, abs=0.005)
+    assert metrics["params/trainable_fraction"] == 1.0
+
+
+def test_same_seed_gives_identical_metrics(tmp_path, tiny):
+    keys = ("val/acc", "val/loss", "test/acc", "test/loss", "test/macro_f1", "params/nonzero")
+    a = run_config(tiny + ["seed=3"], tmp_path / "a")
+    b = run_config(tiny + ["seed=3"], tmp_path / "b")
+    assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
+
+
+def test_tokenisation_is_cached_by_fingerprint(tmp_path, tiny, monkeypatch):
+    monkeypatch.setenv("LLMK_LAB_CACHE", str(tmp_path / "cache"))
+    first = run_config(tiny, tmp_path / "a")
+    second = run_config(tiny, tmp_path / "b")
+    third = run_config(tiny + ["data.max_length=32"], tmp_path / "c")
+    assert (first["data/tokenization_cache_hit"], second["data/tokenization_cache_hit"],
+            third["data/tokenization_cache_hit"]) == (False, True, False)
