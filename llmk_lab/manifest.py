@@ -28,7 +28,7 @@ def git_state(directory: Path) -> dict[str, Any]:
         commit = git("rev-parse", "HEAD")
     except (OSError, subprocess.SubprocessError):
         commit = ""
-    if not commit:
+    if len(commit) != 40:  # not a repository, or one without commits
         return {"commit": None, "dirty": None}
     return {"commit": commit, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
@@ -55,7 +55,8 @@ def hardware() -> dict[str, Any]:
 
 def build_manifest(seed: int, overrides: list[str], assets_used: dict[str, Any], data_source: dict[str, Any]) -> dict:
     return {
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+        "command": ["python -m llmk_lab" if sys.argv[0].endswith("__main__.py") else Path(sys.argv[0]).name,
+                    *sys.argv[1:]],
         "overrides": overrides,
         "seed": seed,
         "git": git_state(Path(__file__).resolve().parent),

@@ -1,0 +1,51 @@
+"""The command line: bad input gets one line and a non-zero exit, and leaves no run directory."""
+import pytest
+
+from tests.conftest import run_cli
+
+BAD_INPUT = [
+    (["compression.sparsity=1.5"], "compression.sparsity=1.5"),
+    (["peft.r=0"], "peft.r=0"),
+    (["train.lr=-0.001"], "train.lr=-0.001"),
+    (["model.name_or_path=/no/such/model"], "model.name_or_path='/no/such/model'"),
+]
+
+
+def _outputs(tmp_path):
+    root = tmp_path / "outputs"
+    return [p for p in root.rglob("*") if p.is_dir() and (p / ".hydra").exists()] if root.exists() else []
+
+
+@pytest.mark.parametrize("args, key", BAD_INPUT[:2])
+def test_bad_value_gives_one_line_and_exit_2(tmp_path, args, key):
+    result = run_cli(["logger=csv", *args], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and key in lines[0] and "allowed" in lines[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert _outputs(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args, key", BAD_INPUT[2:])
+def test_more_bad_values(tmp_path, args, key):
+    result = run_cli(["logger=csv", *args], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and key in lines[0], result.stderr[-2000:]
+    assert _outputs(tmp_path) == []
+
+
+def test_unknown_group_option_exits_non_zero_naming_the_choices(tmp_path):
+    result = run_cli(["peft=lorra"], cwd=tmp_path)
+    assert result.returncode != 0
+    assert "lorra" in result.stderr and "lora" in result.stderr
+    assert _outputs(tmp_path) == []
+
+
+def test_tiny_run_from_the_command_line(tmp_path):
+    result = run_cli(["model=tiny_bert", "logger=csv", "data.limit_train=32", "data.limit_eval=16"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = _outputs(tmp_path)
+    assert len(runs) == 1 and (runs[0] / "metrics.json").exists()
+    assert "test/acc" in result.stdout + result.stderr
