@@ -30,9 +30,11 @@ class Entry(Generic[T]):
 
 
 class Registry(Generic[T]):
-    def __init__(self, group: str, key: str = "method"):
+    def __init__(self, group: str, key: str = "method", store_schemas: bool = True):
         self.group = group  # config group, e.g. "compression"
         self.key = key  # field of the node that names the entry
+        # Only groups selected with `group=option` need their schemas in Hydra's ConfigStore.
+        self.store_schemas = store_schemas
         self._entries: dict[str, Entry[T]] = {}
 
     def register(self, name: str, config: type) -> Callable[[type[T]], type[T]]:
@@ -43,7 +45,8 @@ class Registry(Generic[T]):
             if name in self._entries:
                 raise ValueError(f"{self.group} {name!r} is registered twice")
             self._entries[name] = Entry(name, cls, config)
-            ConfigStore.instance().store(group=self.group, name=f"schema_{name}", node=config)
+            if self.store_schemas:
+                ConfigStore.instance().store(group=self.group, name=f"schema_{name}", node=config)
             cls.registered_name = name  # type: ignore[attr-defined]
             return cls
 

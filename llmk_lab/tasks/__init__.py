@@ -5,6 +5,7 @@ a task is one file in this folder.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 import torch
@@ -53,7 +54,12 @@ class Task:
         return outputs.logits.argmax(-1)
 
 
-TASKS: Registry[Task] = Registry("task", key="name")
+TASKS: Registry[Task] = Registry("task", key="name", store_schemas=False)
+
+
+def metric_name(label) -> str:
+    """A class or entity-type name as it appears in a metric key (`f1_<name>`): no spaces or slashes."""
+    return re.sub(r"[^\w\-]+", "_", str(label)).strip("_") or "_"
 
 
 def get_task(name: str, labels: list[str] | None) -> Task:
