@@ -76,17 +76,39 @@ def load_model(model_cfg, task, tokenizer):
         return model, {"from_config": dict(model_cfg.from_config)}
     path, asset = _resolve(model_cfg.name_or_path, "model.name_or_path")
     try:
-        model = task.auto_class.from_pretrained(path, revision=model_cfg.revision, dtype=torch.float32,
-                                                trust_remote_code=model_cfg.trust_remote_code, **kwargs)
+        model, loading = task.auto_class.from_pretrained(path, revision=model_cfg.revision, dtype=torch.float32,
+                                                         trust_remote_code=model_cfg.trust_remote_code,
+                                                         output_loading_info=True, **kwargs)
     except OSError as err:
         raise UserError(f"model.name_or_path={model_cfg.name_or_path!r}: cannot load "
                         f"({str(err).splitlines()[0]})") from None
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise UserError(f"model.name_or_path={model_cfg.name_or_path!r} has no {task.auto_class.__name__} "
+                            f"head for task {task.registered_name!r}") from None
+        raise
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     info = {"name_or_path": model_cfg.name_or_path, "resolved": path}
+    new_weights = newly_initialised(model, loading)
+    if new_weights:
+        info["newly_initialised"] = new_weights
     if asset:
         info.update(asset=asset, sha256=assets.checksum(asset))
     return model, info
+
+
+def newly_initialised(model, loading: dict) -> list[str]:
+    """Weights the checkpoint did not have (a new task head), logged so nobody mistakes them for pretrained ones."""
+    missing = sorted(set(loading.get("missing_keys", [])))
+    if not missing:
+        return []
+    output, inputs = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = output is not None and inputs is not None and output.weight is inputs.weight
+    heads = sorted({".".join(name.split(".")[:2]) for name in missing})
+    log.warning("the checkpoint has no weights for %s: newly initialised (%d tensors)%s", ", ".join(heads),
+                len(missing), "; the output layer is tied to the word embeddings" if tied else "")
+    return missing
 
 
 def convert_gguf(gguf_file: Path, dest: Path) -> None:

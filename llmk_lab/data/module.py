@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +19,9 @@ from llmk_lab.data import SPLITS, RawData
 
 log = logging.getLogger(__name__)
 
+# Bump when what a task's tokenisation produces changes, so stale cache entries are not reused.
+CACHE_FORMAT = 2
+
 
 def tokenizer_fingerprint(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -26,18 +30,27 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def cache_key(raw: RawData, task_name: str, tokenizer, data_cfg) -> str:
-    parts = [raw.fingerprint(), task_name, tokenizer_fingerprint(tokenizer), str(data_cfg.max_length),
-             json.dumps(dict(data_cfg.options), sort_keys=True, default=str)]
+    parts = [str(CACHE_FORMAT), raw.fingerprint(), task_name, tokenizer_fingerprint(tokenizer),
+             str(data_cfg.max_length), json.dumps(dict(data_cfg.options), sort_keys=True, default=str),
+             str(data_cfg.split_seed)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
+def tokenize_split(task, tokenizer, examples: list[dict], data_cfg, split: str) -> list[dict]:
+    """Tasks whose tokenisation depends on the split (static eval masks, ...) define `tokenize_split`."""
+    by_split = getattr(task, "tokenize_split", None)
+    if by_split is not None:
+        return by_split(tokenizer, examples, data_cfg, split)
+    return task.tokenize(tokenizer, examples, data_cfg)
+
+
 def tokenize_cached(raw: RawData, task, tokenizer, data_cfg) -> tuple[dict[str, list[dict]], bool]:
-    """Tokenise every split once per (data, tokenizer, max length); returns (splits, cache_hit)."""
+    """Tokenise every split once per (data, task, tokenizer, max length, options); returns (splits, cache_hit)."""
     key = cache_key(raw, task.registered_name, tokenizer, data_cfg)
     path = cache_root() / "tokenized" / f"{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=True), True
-    splits = {split: task.tokenize(tokenizer, raw.splits[split], data_cfg) for split in SPLITS}
+    splits = {split: tokenize_split(task, tokenizer, raw.splits[split], data_cfg, split) for split in SPLITS}
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a parallel job never reads a half-written file.
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as handle:
@@ -51,10 +64,25 @@ class TaskDataModule(pl.LightningDataModule):
         super().__init__()
         self.raw, self.task, self.tokenizer = raw, task, tokenizer
         self.data_cfg, self.train_cfg, self.seed = data_cfg, train_cfg, seed
-        self.splits, self.cache_hit = tokenize_cached(raw, task, tokenizer, data_cfg)
-        log.info("tokenised data: %s (cache %s)", {k: len(v) for k, v in self.splits.items()},
-                 "hit" if self.cache_hit else "miss")
+        configure = getattr(task, "configure", None)
+        if configure is not None:
+            configure(data_cfg, seed)
+        started = time.perf_counter()
+        self.tokenized, self.cache_hit = tokenize_cached(raw, task, tokenizer, data_cfg)
+        self.tokenize_seconds = time.perf_counter() - started
+        self.splits = self._limited(self.tokenized)
+        log.info("tokenised data: %s (cache %s, %.1f s)", {k: len(v) for k, v in self.splits.items()},
+                 "hit" if self.cache_hit else "miss", self.tokenize_seconds)
         self.collate = task.collator(tokenizer)
+
+    def _limited(self, tokenized: dict[str, list[dict]]) -> dict[str, list[dict]]:
+        """Limits counted in tokenised examples (windows) for tasks that cut a text stream."""
+        if not getattr(self.task, "limits_count_windows", False):
+            return tokenized
+        limits = {"train": self.data_cfg.limit_train, "validation": self.data_cfg.limit_eval,
+                  "test": self.data_cfg.limit_eval}
+        return {split: examples[: limits[split]] if limits.get(split) else examples
+                for split, examples in tokenized.items()}
 
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         examples = self.splits[split]
@@ -77,7 +105,17 @@ class TaskDataModule(pl.LightningDataModule):
         return self._loader("test", False, self.train_cfg.eval_batch_size)
 
     def calibration_batches(self, n_examples: int, batch_size: Optional[int] = None) -> list[dict]:
-        """The first `n_examples` training examples (a fixed, seeded subset) for one-shot compression."""
-        loader = DataLoader(self.splits["train"][:n_examples], batch_size=batch_size or self.train_cfg.eval_batch_size,
+        """Calibration data for one-shot compression, from training data only (never validation/test).
+
+        The task decides how it is drawn (causal LM: random windows of the
+        training text, seed 0); otherwise the first `n_examples` training
+        examples of the fixed, seeded split.
+        """
+        draw = getattr(self.task, "calibration_examples", None)
+        if draw is not None:
+            examples = draw(self.tokenized, n_examples, self.data_cfg)
+        else:
+            examples = self.tokenized["train"][:n_examples]
+        loader = DataLoader(examples, batch_size=batch_size or self.train_cfg.eval_batch_size,
                             shuffle=False, collate_fn=self.collate)
         return list(loader)

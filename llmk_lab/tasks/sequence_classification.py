@@ -1,14 +1,21 @@
-"""Sequence classification (single sentences or pairs): accuracy and macro-F1."""
+"""Sequence classification (single sentences or pairs), binary or multi-class.
+
+Metrics (torchmetrics): accuracy, macro-F1, and a per-class report
+(`precision_<label>`, `recall_<label>`, `f1_<label>`). A second text column
+(`data.text_pair_column`) makes the input a sentence pair, encoded the BERT way
+(`[CLS] a [SEP] b [SEP]` with segment ids).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from llmk_lab.tasks import TASKS, Task
+from llmk_lab.errors import UserError
+from llmk_lab.tasks import TASKS, Task, metric_name
 
 
 @dataclass
@@ -22,9 +29,23 @@ class SequenceClassification(Task):
     peft_task_type = "SEQ_CLS"
     primary_metric = "acc"
 
+    def __init__(self, labels=None):
+        if not labels or len(labels) < 2:
+            raise UserError(f"sequence classification needs at least 2 labels; the data has {labels}")
+        super().__init__(labels)
+
     @property
     def num_labels(self) -> int:
         return len(self.labels)
+
+    @staticmethod
+    def check_examples(raw, data_cfg) -> None:
+        for split, examples in raw.splits.items():
+            for number, example in enumerate(examples):
+                for key, setting in (("text", "text_column"), ("text_pair", "text_pair_column")):
+                    if key in example and not isinstance(example[key], str):
+                        raise UserError(f"data.{setting}={getattr(data_cfg, setting)!r}: {split} example {number} "
+                                        f"holds {type(example[key]).__name__} ({example[key]!r:.40}), not text")
 
     def model_kwargs(self):
         return {
@@ -51,7 +72,20 @@ class SequenceClassification(Task):
         return MetricCollection({
             "acc": MulticlassAccuracy(num_classes=self.num_labels, average="micro"),
             "macro_f1": MulticlassF1Score(num_classes=self.num_labels, average="macro"),
+            "precision_per_class": MulticlassPrecision(num_classes=self.num_labels, average=None),
+            "recall_per_class": MulticlassRecall(num_classes=self.num_labels, average=None),
+            "f1_per_class": MulticlassF1Score(num_classes=self.num_labels, average=None),
         })
 
     def update_metrics(self, metrics, batch, outputs):
         metrics.update(outputs.logits.argmax(-1), batch["labels"])
+
+    def compute_metrics(self, metrics):
+        values = {}
+        for name, value in metrics.compute().items():
+            if name.endswith("_per_class"):
+                kind = name.removesuffix("_per_class")
+                values.update({f"{kind}_{metric_name(label)}": float(v) for label, v in zip(self.labels, value)})
+            else:
+                values[name] = float(value)
+        return values
