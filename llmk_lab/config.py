@@ -93,7 +93,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self.max_epochs >= 1, "max_epochs", self.max_epochs, "an integer >= 1")
-        check(self.max_steps == -1 or self.max_steps > 0, "max_steps", self.max_steps, "-1 or a positive integer")
+        check(self.max_steps >= -1, "max_steps", self.max_steps,
+              "-1 (run max_epochs), 0 (no training: evaluate the model as loaded and compressed) or a positive integer")
         check(self.batch_size >= 1, "batch_size", self.batch_size, "an integer >= 1")
         check(self.eval_batch_size >= 1, "eval_batch_size", self.eval_batch_size, "an integer >= 1")
         check(self.lr > 0, "lr", self.lr, "a positive number")
