@@ -160,9 +160,20 @@ class ExportConfig:
 
 @dataclass
 class MeasureConfig:
+    # What compression runs report next to the task metric, compressed vs dense, in one process.
     # Batch sizes for the CPU latency / throughput measurement (empty: skip).
-    latency_batch_sizes: list[int] = field(default_factory=list)
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    # Timed passes per model and batch size (alternating dense and compressed, after warm-up).
     latency_repeats: int = 5
+    # Bytes on disk of the dense save (safetensors) and of the compressed save (bitmask-sparse or quantised).
+    size: bool = True
+    # Prediction agreement and mean KL(dense || compressed) on the test split.
+    fidelity: bool = True
+
+    def __post_init__(self) -> None:
+        check(all(b >= 1 for b in self.latency_batch_sizes), "latency_batch_sizes", self.latency_batch_sizes,
+              "a list of positive integers (empty: skip)")
+        check(self.latency_repeats >= 1, "latency_repeats", self.latency_repeats, "an integer >= 1")
 
 
 @dataclass

@@ -26,7 +26,7 @@ from llmk_lab.data import load_data
 from llmk_lab.data.module import TaskDataModule
 from llmk_lab.errors import UserError
 from llmk_lab.manifest import build_manifest, write_json
-from llmk_lab.measure import parameter_counts, peak_memory_mb
+from llmk_lab.measure import compression_figures, keep_fitted_reference, parameter_counts, peak_memory_mb
 from llmk_lab.models import load_model, load_tokenizer
 from llmk_lab.module import TaskModule, ThroughputMonitor
 from llmk_lab.peft import PEFT, PeftStrategy
@@ -92,7 +92,9 @@ def measure_sparsity(ctx: RunContext, strategy: PeftStrategy, methods) -> dict[s
     masked = masked_linears(ctx.model)
     if not masked:
         return {}
-    figures: dict[str, Any] = {"sparsity/pruned_layers": sparsity_report(ctx.model, masked)["overall"]}
+    report = sparsity_report(ctx.model, masked)
+    figures: dict[str, Any] = {"sparsity/pruned_layers": report["overall"]}
+    ctx.reports["sparsity_per_layer"] = report["per_layer"]
     requested = [m.settings.sparsity for m in methods if hasattr(m.settings, "sparsity")]
     if requested:
         figures["sparsity/requested"] = requested[-1]
@@ -159,7 +161,9 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     ctx = RunContext(settings=settings, run_dir=run_dir, task=task, tokenizer=tokenizer, model=model,
                      datamodule=datamodule)
 
-    # 4. one-shot compression
+    # 4. one-shot compression; the uncompressed model is kept as the reference only when something compresses
+    if any(m.acts for m in p.methods):
+        ctx.dense_model, ctx.reports["measure/reference"] = copy.deepcopy(model), "model as loaded"
     for method in p.methods:
         method.before_fit(ctx)
 
@@ -189,6 +193,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
                          "train/steps": trainer.global_step, "train/seconds": throughput.seconds}
 
         # 7. post-training compression
+        keep_fitted_reference(ctx, p.methods, p.strategy)
         for method in p.methods:
             method.after_fit(ctx)
 
@@ -197,6 +202,8 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         params = parameter_counts(ctx.model)
         metrics.update({f"params/{k}": v for k, v in params.items()})
         metrics.update(measure_sparsity(ctx, p.strategy, p.methods))
+        if ctx.dense_model is not None:
+            metrics.update(compression_figures(ctx, p.strategy, settings.measure))
         metrics.update(train_figures)
 
         # 9. export and log

@@ -5,8 +5,10 @@ one file each here. Adding one is one Python file and one YAML in `conf/peft/`.
 """
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
@@ -56,6 +58,75 @@ def head_parameter_names(model: nn.Module, task) -> list[str]:
 def train_only(model: nn.Module, trainable: set[str]) -> None:
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
+
+
+def name_matcher(target_modules: Any):
+    """peft's matching rule for `target_modules`: a regex fully matching the module name, or a list of
+    names / dotted suffixes (`value` matches `...attention.self.value`)."""
+    if isinstance(target_modules, str):
+        return lambda name: re.fullmatch(target_modules, name) is not None
+    targets = [str(t) for t in target_modules]
+    return lambda name: any(name == t or name.endswith("." + t) for t in targets)
+
+
+def resolve_targets(model: nn.Module, target_modules: Optional[Any], default: Optional[str] = None,
+                    key: str = "peft.target_modules", kinds: tuple[type, ...] = (nn.Linear,)) -> Any:
+    """The user's targets, or the architecture's default regex, after checking that they match a layer.
+
+    peft would otherwise fail late with a long message, or (for some methods) silently adapt nothing.
+    """
+    from llmk_lab.models import block_linear_pattern
+
+    if target_modules is None:
+        value: Any = default if default is not None else block_linear_pattern(model)
+    else:
+        value = target_modules if isinstance(target_modules, str) else [str(t) for t in target_modules]
+        if not value:
+            raise UserError(f"{key}=[] is not allowed: give a regex over module names or a list of name suffixes")
+    match = name_matcher(value)
+    if not any(match(name) for name, module in model.named_modules() if isinstance(module, kinds)):
+        raise UserError(f"{key}={target_modules if target_modules is not None else value!r} matches no "
+                        f"{'/'.join(k.__name__ for k in kinds)} layer of {type(model).__name__}; give a regex "
+                        "over module names or a list of name suffixes (e.g. ['query', 'value'] for BERT, "
+                        "['q_proj', 'v_proj'] for Llama)")
+    return value
+
+
+def transformer_layers(model: nn.Module) -> nn.ModuleList:
+    """The stack of transformer blocks (BERT: `encoder.layer`, Llama: `layers`)."""
+    from llmk_lab.models import block_linear_pattern
+
+    block_linear_pattern(model)  # refuses architectures we have no names for, in one line
+    candidates = [(name, m) for name, m in model.named_modules()
+                  if isinstance(m, nn.ModuleList) and re.search(r"(^|\.)(encoder\.layer|layers)$", name)]
+    if len(candidates) != 1:
+        raise UserError(f"cannot find the transformer blocks of {type(model).__name__} "
+                        f"(found {[n for n, _ in candidates]})")
+    return candidates[0][1]
+
+
+def save_trained_tensors(model: nn.Module, directory: Path, config: dict[str, Any]) -> bool:
+    """Save the trainable tensors (safetensors) and how they were made (JSON), like peft's adapter folders."""
+    from safetensors.torch import save_file
+
+    tensors = {name: p.detach().contiguous().cpu() for name, p in model.named_parameters() if p.requires_grad}
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(directory / "adapter_model.safetensors"))
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2, default=str))
+    return True
+
+
+def load_trained_tensors(model: nn.Module, directory: Path) -> nn.Module:
+    """Load what `save_trained_tensors` wrote into a model prepared by the same strategy."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(directory) / "adapter_model.safetensors"))
+    missing = set(tensors) - {name for name, _ in model.named_parameters()}
+    if missing:
+        raise UserError(f"{directory}: tensors {sorted(missing)[:3]} have no place in {type(model).__name__}; "
+                        "apply the same peft strategy before loading")
+    model.load_state_dict(tensors, strict=False)
+    return model
 
 
 # Every module of this package registers its peft entries when imported.

@@ -1,7 +1,8 @@
 """`none`: the pretrained model stays frozen and only the task head trains (a linear probe)."""
 from dataclasses import dataclass
 
-from llmk_lab.peft import PEFT, PeftStrategy, head_parameter_names, train_only
+from llmk_lab.peft import PEFT, head_parameter_names, train_only
+from llmk_lab.peft.selective import SubsetStrategy
 
 
 @dataclass
@@ -10,7 +11,7 @@ class LinearProbeConfig:
 
 
 @PEFT.register("none", config=LinearProbeConfig)
-class LinearProbe(PeftStrategy):
+class LinearProbe(SubsetStrategy):
     def apply(self, model, ctx):
         train_only(model, set(head_parameter_names(model, ctx.task)))
         return model

@@ -1,4 +1,8 @@
-"""LoRA (Hu et al. 2021) through the peft library, with rsLoRA and DoRA as options."""
+"""LoRA (Hu et al. 2021) through the peft library, with rsLoRA and DoRA as options.
+
+Trainable parameters: for every target linear d_in -> d_out, r * (d_in + d_out)
+(DoRA adds d_out magnitudes), plus the task head.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +11,7 @@ from typing import Any, Optional
 from peft import LoraConfig, get_peft_model
 
 from llmk_lab.errors import UserError, check
-from llmk_lab.models import block_linear_pattern
-from llmk_lab.peft import PEFT, PeftStrategy
+from llmk_lab.peft import PEFT, PeftStrategy, resolve_targets
 
 
 @dataclass
@@ -36,36 +39,37 @@ class LoraSettings:
         check(self.bias in ("none", "all", "lora_only"), "bias", self.bias, "one of ['none', 'all', 'lora_only']")
 
 
-def peft_targets(model, target_modules):
-    """peft's `target_modules`: our per-architecture default regex, or the user's value."""
-    if target_modules is None:
-        return block_linear_pattern(model)
-    return target_modules if isinstance(target_modules, str) else list(target_modules)
-
-
 def wrap(model, config, key: str = "peft.target_modules"):
+    """get_peft_model, with its complaints about targets turned into one line."""
     try:
         return get_peft_model(model, config)
     except ValueError as err:
-        if "not found in the base model" in str(err) or "Target modules" in str(err):
-            raise UserError(f"{key}={config.target_modules!r} matches no module of the model") from None
+        message = str(err)
+        if "not found in the base model" in message or "Target module" in message:
+            raise UserError(f"{key}={config.target_modules!r}: {message.splitlines()[0]}") from None
         raise
 
 
-@PEFT.register("lora", config=LoraSettings)
-class LoRA(PeftStrategy):
-    def apply(self, model, ctx):
-        s = self.settings
-        config = LoraConfig(
-            task_type=ctx.task.peft_task_type, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
-            target_modules=peft_targets(model, s.target_modules), use_rslora=s.use_rslora,
-            use_dora=s.use_dora, bias=s.bias,
-        )
-        return wrap(model, config)
+class PeftLibraryStrategy(PeftStrategy):
+    """A strategy whose model is a peft `PeftModel`: saved with `save_pretrained`, merged by peft."""
 
     def save_adapter(self, model, directory):
         model.save_pretrained(directory, safe_serialization=True)
         return True
 
     def merged(self, model):
+        if not self.mergeable:
+            return super().merged(model)
         return model.merge_and_unload()
+
+
+@PEFT.register("lora", config=LoraSettings)
+class LoRA(PeftLibraryStrategy):
+    def apply(self, model, ctx):
+        s = self.settings
+        config = LoraConfig(
+            task_type=ctx.task.peft_task_type, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
+            target_modules=resolve_targets(model, s.target_modules), use_rslora=s.use_rslora,
+            use_dora=s.use_dora, bias=s.bias,
+        )
+        return wrap(model, config)

@@ -1,0 +1,137 @@
+"""Houlsby bottleneck adapters (Houlsby et al. 2019, "Parameter-efficient transfer learning for NLP").
+
+After the output projection of the attention block and of the feed-forward
+block of every transformer layer, before the block's residual sum, an adapter
+h -> h + W_up f(W_down h + b_down) + b_up is inserted. Both projections start
+near zero (truncated normal, std 1e-2, as in the paper), so the adapted model
+starts as the pretrained one. As in the paper, the layer norms of the blocks
+train too (`train_layer_norms`).
+
+Trainable parameters per adapter of width d and bottleneck b: 2 d b + b + d;
+two adapters per layer; plus 2 d per trained LayerNorm (d for RMSNorm); plus
+the task head.
+
+Placement per architecture: BERT `attention.output.dense` and `output.dense`
+(their outputs go through dropout, the residual sum and LayerNorm); Llama
+`self_attn.o_proj` and `mlp.down_proj` (their outputs are added to the residual
+stream). Not mergeable: f is nonlinear, so the adapter cannot be folded into W.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from llmk_lab.errors import UserError, check
+from llmk_lab.peft import (PEFT, PeftStrategy, head_parameter_names, load_trained_tensors, name_matcher,
+                           resolve_targets, save_trained_tensors, train_only)
+
+ADAPTER_SITES = {
+    "bert": r".*\.layer\.\d+\.(attention\.output\.dense|output\.dense)$",
+    "llama": r".*\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)$",
+}
+# Norms of the adapted blocks (BERT: post-sublayer LayerNorm; Llama: the blocks' pre-norms).
+BLOCK_NORMS = {
+    "bert": r".*\.layer\.\d+\.(attention\.output\.LayerNorm|output\.LayerNorm)$",
+    "llama": r".*\.layers\.\d+\.(input_layernorm|post_attention_layernorm)$",
+}
+ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
+ADAPTER = "bottleneck_adapter"
+
+
+@dataclass
+class AdapterSettings:
+    method: str = "adapter"
+    # Width of the bottleneck (the paper sweeps 8, 64, 256).
+    bottleneck: int = 64
+    # Nonlinearity between the projections: gelu | relu | tanh | silu.
+    activation: str = "gelu"
+    # Train the layer norms of the adapted blocks, as Houlsby et al. do.
+    train_layer_norms: bool = True
+    # Std of the truncated-normal initialisation of both projections ("near identity").
+    init_std: float = 1e-2
+    # Linears after which an adapter is placed: regex over module names or a list of name
+    # suffixes (null: attention output and feed-forward output projection of every block).
+    target_modules: Optional[Any] = None
+
+    def __post_init__(self):
+        check(self.bottleneck >= 1, "bottleneck", self.bottleneck, "an integer >= 1")
+        check(self.activation in ACTIVATIONS, "activation", self.activation, f"one of {sorted(ACTIVATIONS)}")
+        check(self.init_std > 0, "init_std", self.init_std, "a positive number")
+
+
+class BottleneckAdapter(nn.Module):
+    def __init__(self, width: int, bottleneck: int, activation: str, init_std: float):
+        super().__init__()
+        self.down = nn.Linear(width, bottleneck)
+        self.act = ACTIVATIONS[activation]()
+        self.up = nn.Linear(bottleneck, width)
+        for linear in (self.down, self.up):
+            nn.init.trunc_normal_(linear.weight, std=init_std, a=-2 * init_std, b=2 * init_std)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden + self.up(self.act(self.down(hidden)))
+
+
+def _apply_adapter(module: nn.Module, inputs, output):
+    # A forward hook rather than a wrapper module keeps the pretrained weights' names
+    # (and the pruning masks on them) where they were; a module-level function keeps
+    # deepcopy (used when exporting) pointing each copy at its own adapter.
+    return getattr(module, ADAPTER)(output)
+
+
+def insert_adapters(model: nn.Module, settings: AdapterSettings) -> list[str]:
+    model_type = getattr(model.config, "model_type", None)
+    default = ADAPTER_SITES.get(model_type)
+    if settings.target_modules is None and default is None:
+        raise UserError(f"peft=adapter has no default placement for model type {model_type!r}; set "
+                        f"peft.target_modules (known types: {sorted(ADAPTER_SITES)})")
+    targets = resolve_targets(model, settings.target_modules, default=default)
+    match = name_matcher(targets)
+    sites = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and match(name)]
+    for _, linear in sites:
+        if hasattr(linear, ADAPTER):
+            raise UserError("peft=adapter: the model already has bottleneck adapters")
+        adapter = BottleneckAdapter(linear.out_features, settings.bottleneck, settings.activation,
+                                    settings.init_std).to(linear.weight.device, linear.weight.dtype)
+        linear.add_module(ADAPTER, adapter)
+        linear.register_forward_hook(_apply_adapter)
+    return [name for name, _ in sites]
+
+
+def norm_parameter_names(model: nn.Module) -> list[str]:
+    pattern = BLOCK_NORMS.get(getattr(model.config, "model_type", None))
+    if pattern is None:
+        return []
+    match = name_matcher(pattern)
+    return [f"{module_name}.{p}" for module_name, module in model.named_modules() if match(module_name)
+            for p, _ in module.named_parameters(recurse=False)]
+
+
+@PEFT.register("adapter", config=AdapterSettings)
+class BottleneckAdapters(PeftStrategy):
+    mergeable = False
+
+    def apply(self, model, ctx):
+        sites = insert_adapters(model, self.settings)
+        trainable = {n for n, _ in model.named_parameters() if f".{ADAPTER}." in n}
+        trainable |= set(head_parameter_names(model, ctx.task))
+        if self.settings.train_layer_norms:
+            trainable |= set(norm_parameter_names(model))
+        train_only(model, trainable)
+        ctx.reports["peft/adapter_sites"] = len(sites)
+        return model
+
+    def save_adapter(self, model, directory):
+        return save_trained_tensors(model, directory, {"peft_type": "BOTTLENECK_ADAPTER",
+                                                       **vars(self.settings)})
+
+
+def load_adapter(model: nn.Module, directory, settings: AdapterSettings) -> nn.Module:
+    """Rebuild a model exported by `peft=adapter`: the base model, adapters inserted, trained tensors loaded."""
+    insert_adapters(model, settings)
+    return load_trained_tensors(model, directory)

@@ -1,0 +1,61 @@
+"""IA3 (Liu et al. 2022, "Few-shot PEFT is better and cheaper than in-context learning") through peft.
+
+Learned vectors rescale the attention keys and values and the feed-forward
+activations entering the down-projection, as in the paper. Trainable
+parameters: d_out per attention target + d_in per feed-forward target, plus
+the task head. Merging multiplies rows/columns of W, so pruned zeros stay zero.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from peft import IA3Config
+
+from llmk_lab.errors import UserError
+from llmk_lab.peft import PEFT, name_matcher, resolve_targets
+from llmk_lab.peft.lora import PeftLibraryStrategy, wrap
+
+# Per architecture: (targets, the subset whose *input* is scaled: the feed-forward down-projection).
+# BERT's `layer.N.output.dense` is the FFN down-projection; `attention.output.dense` is not targeted.
+IA3_DEFAULTS = {
+    "bert": (r".*\.layer\.\d+\.(attention\.self\.(key|value)|output\.dense)$", r".*\.layer\.\d+\.output\.dense$"),
+    "llama": (r".*\.layers\.\d+\.(self_attn\.(k_proj|v_proj)|mlp\.down_proj)$", r".*\.layers\.\d+\.mlp\.down_proj$"),
+}
+
+
+@dataclass
+class IA3Settings:
+    method: str = "ia3"
+    # Regex over module names or a list of name suffixes (null: keys, values and the
+    # feed-forward down-projection of every block).
+    target_modules: Optional[Any] = None
+    # Targets whose input (not output) is scaled; must be among the targets
+    # (null: the architecture's feed-forward down-projection when targets are
+    # the default, none otherwise).
+    feedforward_modules: Optional[Any] = None
+
+
+@PEFT.register("ia3", config=IA3Settings)
+class IA3(PeftLibraryStrategy):
+    def apply(self, model, ctx):
+        s = self.settings
+        model_type = getattr(model.config, "model_type", None)
+        default_targets, default_ff = IA3_DEFAULTS.get(model_type, (None, None))
+        if s.target_modules is None and default_targets is None:
+            raise UserError(f"model type {model_type!r} has no default IA3 targets; set peft.target_modules "
+                            f"and peft.feedforward_modules (known types: {sorted(IA3_DEFAULTS)})")
+        targets = resolve_targets(model, s.target_modules, default=default_targets)
+        if s.feedforward_modules is not None:
+            feedforward = s.feedforward_modules if isinstance(s.feedforward_modules, str) \
+                else [str(m) for m in s.feedforward_modules]
+            in_targets, in_ff = name_matcher(targets), name_matcher(feedforward)
+            outside = [n for n, _ in model.named_modules() if in_ff(n) and not in_targets(n)]
+            if outside:
+                raise UserError(f"peft.feedforward_modules={s.feedforward_modules!r} matches {outside[0]!r}, "
+                                "which is not among peft.target_modules; it must be a subset of the targets")
+        else:
+            feedforward = default_ff if s.target_modules is None else []
+        config = IA3Config(task_type=ctx.task.peft_task_type, target_modules=targets,
+                           feedforward_modules=feedforward)
+        return wrap(model, config)
