@@ -1,9 +1,14 @@
-"""Cost figures: parameters, sparsity, memory, latency."""
+"""Cost figures: parameters, sparsity, memory, bytes on disk, latency, fidelity to the dense model."""
 from __future__ import annotations
 
+import copy
 import resource
+import tempfile
 import time
-from typing import Iterable
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
 
 import torch
 from torch import nn
@@ -48,3 +53,174 @@ def latency(model: nn.Module, batches: Iterable[dict], repeats: int = 5, warmup:
     median = times[len(times) // 2]
     size = len(batches[0]["input_ids"])
     return {"ms_per_batch": 1000 * median, "examples_per_s": size / median}
+
+
+# --- What every compression run reports next to its task metric -------------------------------------------
+
+def deployable(model: nn.Module, strategy=None) -> nn.Module:
+    """A copy of `model` as it would be deployed: adapter merged (masks kept), eval mode, on CPU."""
+    from llmk_lab.compression.masks import reapply_masks
+
+    copy_ = copy.deepcopy(model)
+    if strategy is not None and strategy.mergeable:
+        copy_ = strategy.merged(copy_)
+        reapply_masks(copy_)
+    return copy_.cpu().eval()
+
+
+def _unique_state(model: nn.Module) -> dict[str, Any]:
+    """State dict with tensors shared between names (tied or shared weights) stored once."""
+    state, seen = {}, set()
+    for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor) and type(value) is torch.Tensor:
+            key = (value.data_ptr(), value.shape, value.dtype) if value.numel() else None
+            if key is not None and key in seen:
+                continue
+            seen.add(key)
+        state[name] = value
+    return state
+
+
+def bitmask_encode(tensor: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """A sparse tensor as (packed bitmask of non-zeros, non-zero values, shape), or None when not smaller."""
+    flat = tensor.detach().flatten().cpu()
+    nonzero = flat != 0
+    values = flat[nonzero].contiguous()
+    bits = torch.from_numpy(np.packbits(nonzero.numpy()))
+    if bits.numel() + values.numel() * values.element_size() >= flat.numel() * flat.element_size():
+        return None
+    return {"bitmask": bits, "values": values, "shape": torch.tensor(tensor.shape, dtype=torch.int64)}
+
+
+def bitmask_decode(parts: dict[str, torch.Tensor]) -> torch.Tensor:
+    shape = tuple(parts["shape"].tolist())
+    numel = int(np.prod(shape)) if shape else 1
+    nonzero = torch.from_numpy(np.unpackbits(parts["bitmask"].numpy(), count=numel).astype(bool))
+    flat = torch.zeros(numel, dtype=parts["values"].dtype)
+    flat[nonzero] = parts["values"]
+    return flat.view(shape)
+
+
+def compressed_state(model: nn.Module) -> tuple[dict[str, Any], str]:
+    """The model's weights in the smallest plain format: sparse float matrices as bitmask + values.
+
+    Returns (state, format): `safetensors` when every entry is a plain tensor, else `torch.save`
+    (quantised modules keep packed int8 weights that safetensors cannot hold).
+    """
+    state: dict[str, Any] = {}
+    for name, value in _unique_state(model).items():
+        if isinstance(value, torch.Tensor) and type(value) is torch.Tensor and value.is_floating_point() \
+                and value.ndim >= 2:
+            encoded = bitmask_encode(value)
+            if encoded is not None:
+                state.update({f"{name}.{part}": t for part, t in encoded.items()})
+                continue
+        state[name] = value.contiguous() if isinstance(value, torch.Tensor) and type(value) is torch.Tensor else value
+    plain = all(isinstance(v, torch.Tensor) and type(v) is torch.Tensor for v in state.values())
+    return state, "safetensors" if plain else "torch.save"
+
+
+def saved_bytes(state: dict[str, Any], fmt: str) -> int:
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch) / "weights"
+        if fmt == "safetensors":
+            save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+        else:
+            torch.save(state, path)
+        return path.stat().st_size
+
+
+def size_figures(compressed: nn.Module, dense: nn.Module) -> dict[str, Any]:
+    dense_bytes = saved_bytes(_unique_state(dense), "safetensors")
+    state, fmt = compressed_state(compressed)
+    small = saved_bytes(state, fmt)
+    return {"size/dense_bytes": dense_bytes, "size/compressed_bytes": small, "size/compressed_format": fmt,
+            "size/ratio": small / dense_bytes}
+
+
+def _fixed_batch(datamodule, batch_size: int) -> dict[str, torch.Tensor]:
+    """`batch_size` test examples (cycled if the split is smaller), padded as in evaluation."""
+    examples = datamodule.splits["test"]
+    chosen = [examples[i % len(examples)] for i in range(batch_size)]
+    return datamodule.collate(chosen)
+
+
+@torch.inference_mode()
+def interleaved_latency(models: dict[str, nn.Module], batch: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per batch of each model, timed in alternation so machine noise hits all alike."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    for model in models.values():
+        model.eval()
+        for _ in range(warmup):
+            model(**inputs)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    order = list(models)
+    for r in range(repeats):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            start = time.perf_counter()
+            models[name](**inputs)
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def latency_figures(compressed: nn.Module, dense: nn.Module, datamodule, batch_sizes, repeats: int) -> dict:
+    figures: dict[str, Any] = {"latency/threads": torch.get_num_threads()}
+    for size in batch_sizes:
+        batch = _fixed_batch(datamodule, size)
+        seconds = interleaved_latency({"dense": dense, "compressed": compressed}, batch, repeats)
+        for name, s in seconds.items():
+            figures[f"latency/bs{size}/{name}_ms"] = 1000 * s
+            figures[f"throughput/bs{size}/{name}_examples_per_s"] = size / s
+        figures[f"latency/bs{size}/speedup"] = seconds["dense"] / seconds["compressed"]
+    return figures
+
+
+@torch.inference_mode()
+def fidelity_figures(compressed: nn.Module, dense: nn.Module, task, loader) -> dict[str, float]:
+    """Agreement of predictions and mean KL(dense || compressed) on a split, plus the dense model's task metrics."""
+    import torch.nn.functional as F
+
+    agree = total = 0
+    kl_sum = 0.0
+    reference_metrics = task.metrics()
+    for batch in loader:
+        dense_out, small_out = dense(**batch), compressed(**batch)
+        task.update_metrics(reference_metrics, batch, dense_out)
+        d, c = dense_out.logits.float(), small_out.logits.float()
+        labels = batch.get("labels")
+        valid = (labels != -100) if labels is not None and labels.shape == d.shape[:-1] else \
+            torch.ones(d.shape[:-1], dtype=torch.bool)
+        d, c = d[valid], c[valid]
+        agree += int((d.argmax(-1) == c.argmax(-1)).sum())
+        total += d.shape[0]
+        kl_sum += float(F.kl_div(F.log_softmax(c, -1), F.log_softmax(d, -1), log_target=True,
+                                 reduction="sum"))
+    figures = {"fidelity/agreement": agree / total if total else float("nan"),
+               "fidelity/mean_kl": kl_sum / total if total else float("nan")}
+    figures.update({f"reference/test/{k}": v for k, v in task.compute_metrics(reference_metrics).items()})
+    return figures
+
+
+def compression_figures(ctx, strategy, settings) -> dict[str, Any]:
+    """Size, CPU latency / throughput and fidelity of the compressed model next to its dense reference."""
+    compressed, dense = deployable(ctx.model, strategy), ctx.dense_model.cpu().eval()
+    figures: dict[str, Any] = {}
+    if settings.size:
+        figures.update(size_figures(compressed, dense))
+    if settings.latency_batch_sizes:
+        figures.update(latency_figures(compressed, dense, ctx.datamodule, settings.latency_batch_sizes,
+                                       settings.latency_repeats))
+    if settings.fidelity:
+        figures.update(fidelity_figures(compressed, dense, ctx.task, ctx.datamodule.test_dataloader()))
+    return figures
+
+
+def keep_fitted_reference(ctx, methods, strategy) -> None:
+    """When every configured method acts after fit, the fine-tuned model itself is the uncompressed
+    reference (a fairer one than the model as loaded, whose task head never trained)."""
+    if ctx.dense_model is not None and methods and all("after_fit" in m.acts and "during_fit" not in m.acts
+                                                       for m in methods):
+        ctx.dense_model = deployable(ctx.model, strategy)
+        ctx.reports["measure/reference"] = "fine-tuned model before compression"

@@ -1,0 +1,139 @@
+"""Gradual magnitude pruning during fine-tuning (Zhu & Gupta 2017).
+
+Every `frequency` optimiser steps between `start_step` and `end_step` the
+targeted layers are pruned to
+
+    s_t = s_f + (s_i - s_f) * (1 - (t - start) / (end - start))^3
+
+by |W|, one threshold per layer; pruned weights stay at zero (their gradients
+are zeroed and the masks re-applied after every step). Masks only grow, so a
+weight pruned early never comes back. `ScheduledPruning` is shared with
+movement pruning, which ranks by a different score.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from llmk_lab.compression import COMPRESSION, CompressionMethod, target_linears
+from llmk_lab.compression.magnitude import lowest_k_mask
+from llmk_lab.compression.masks import MASK, set_mask, sparsity_report
+from llmk_lab.errors import UserError, check
+
+
+def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int) -> float:
+    """Zhu & Gupta's sparsity at optimiser step `step`: s_i before `start`, s_f from `end` on."""
+    if step <= start:
+        return initial
+    if step >= end:
+        return final
+    progress = (step - start) / (end - start)
+    return final + (initial - final) * (1 - progress) ** 3
+
+
+@dataclass
+class GradualConfig:
+    method: str = "gradual_magnitude"
+    # Final sparsity s_f of the targeted layers, in [0, 1).
+    sparsity: float = 0.7
+    # Sparsity s_i applied at `start_step`, in [0, sparsity].
+    initial_sparsity: float = 0.0
+    # Optimiser step of the first pruning.
+    start_step: int = 0
+    # Optimiser step from which the final sparsity holds (null: the last step of training).
+    end_step: Optional[int] = None
+    # Prune every this many optimiser steps (Zhu & Gupta's Delta t).
+    frequency: int = 10
+    # Regex over module names or a list of name suffixes (null: the transformer blocks' linear layers).
+    target_modules: Optional[Any] = None
+
+    def __post_init__(self):
+        check(0 <= self.sparsity < 1, "sparsity", self.sparsity, "a number in [0, 1)")
+        check(0 <= self.initial_sparsity <= self.sparsity, "initial_sparsity", self.initial_sparsity,
+              f"a number in [0, sparsity={self.sparsity}]")
+        check(self.start_step >= 0, "start_step", self.start_step, "an integer >= 0")
+        check(self.end_step is None or self.end_step > self.start_step, "end_step", self.end_step,
+              f"null or an integer > start_step={self.start_step}")
+        check(self.frequency >= 1, "frequency", self.frequency, "an integer >= 1")
+
+
+class ScheduledPruning(pl.Callback):
+    """Prunes `layers` on the cubic schedule, ranking weights by `scores(name, layer)`."""
+
+    def __init__(self, layers: dict[str, nn.Linear], settings, report: dict):
+        self.layers, self.settings, self.report = layers, settings, report
+        self.end = settings.end_step
+        self.history: list[tuple[int, float]] = []
+
+    def scores(self, name: str, layer: nn.Linear) -> torch.Tensor:
+        return layer.weight.detach().abs()
+
+    def on_fit_start(self, trainer, pl_module):
+        if self.end is None:
+            self.end = max(int(trainer.estimated_stepping_batches), self.settings.start_step + 1)
+
+    def due(self, step: int) -> bool:
+        s = self.settings
+        return step == self.end or (s.start_step <= step < self.end and (step - s.start_step) % s.frequency == 0)
+
+    @torch.no_grad()
+    def prune(self, step: int) -> None:
+        s = self.settings
+        target = cubic_sparsity(step, s.initial_sparsity, s.sparsity, s.start_step, self.end)
+        for name, layer in self.layers.items():
+            scores = self.scores(name, layer).clone()
+            mask = getattr(layer, MASK, None)
+            if mask is not None:
+                scores[~mask] = -torch.inf  # already pruned weights stay pruned and count first
+            set_mask(layer, lowest_k_mask(scores, round(target * scores.numel())))
+        self.history.append((step, target))
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        # global_step counts optimiser steps; with gradient accumulation it repeats, so prune once per step.
+        step = trainer.global_step
+        if self.due(step) and (not self.history or self.history[-1][0] != step):
+            self.prune(step)
+
+    def on_after_backward(self, trainer, pl_module):
+        for layer in self.layers.values():
+            mask = getattr(layer, MASK, None)
+            if mask is not None and layer.weight.grad is not None:
+                layer.weight.grad.mul_(mask)
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        for layer in self.layers.values():
+            mask = getattr(layer, MASK, None)
+            if mask is not None:
+                layer.weight.mul_(mask)
+
+    def on_fit_end(self, trainer, pl_module):
+        # A run shorter than the schedule still ends at the requested sparsity.
+        if not self.history or self.history[-1][1] < self.settings.sparsity:
+            self.prune(self.end)
+        self.report.update(requested_sparsity=self.settings.sparsity, schedule_end_step=self.end,
+                           pruning_steps=len(self.history),
+                           achieved_sparsity=sparsity_report(pl_module.model, self.layers)["overall"],
+                           pruned_layers=len(self.layers))
+
+
+def trainable_targets(ctx, settings, key: str) -> dict[str, nn.Linear]:
+    """Targeted linears of the model as adapted; they must train, or the schedule has nothing to prune."""
+    layers = target_linears(ctx.model, settings.target_modules, f"{key}.target_modules")
+    frozen = [name for name, layer in layers.items() if not layer.weight.requires_grad]
+    if frozen:
+        raise UserError(f"{key}.method={settings.method!r} prunes weights while they train, but {len(frozen)} "
+                        "targeted layers are frozen by the PEFT strategy; use peft=full")
+    return layers
+
+
+@COMPRESSION.register("gradual_magnitude", config=GradualConfig)
+class GradualMagnitudePruning(CompressionMethod):
+    acts = ("during_fit",)
+
+    def callbacks(self, ctx) -> list:
+        return [ScheduledPruning(trainable_targets(ctx, self.settings, "compression"), self.settings, self.report)]

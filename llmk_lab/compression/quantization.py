@@ -1,0 +1,143 @@
+"""Post-training int8 quantisation of linear layers, for CPU inference.
+
+- `dynamic_int8`: int8 weights, activations quantised per batch at run time.
+  `backend: torch_ao` is `torch.ao.quantization.quantize_dynamic` (fbgemm
+  kernels); `backend: torchao` is torchao's
+  `Int8DynamicActivationInt8WeightConfig`. torch_ao is the default because it
+  is the one that is faster on CPU: on this project's 2-core CPU it ran MiniLM
+  at 1.5-2.2x fp32 speed, torchao 0.18 at 0.63-0.80x (its kernels target GPUs;
+  see shared/PROTOCOLS.md and experiments/int8_minilm).
+- `weight_only_int8`: torchao's `Int8WeightOnlyConfig` (int8 weights, float
+  activations): a 4x smaller linear layer, no activation quantisation error.
+
+Both act after fit: a PEFT adapter is first merged into the base weights in
+place (pruning masks re-applied), then the targeted `nn.Linear` layers are
+replaced; evaluation and measurement then run on the quantised model, on CPU.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from llmk_lab.compression import COMPRESSION, CompressionMethod, target_linears
+from llmk_lab.compression.masks import reapply_masks
+from llmk_lab.errors import UserError, check
+
+BACKENDS = ("torch_ao", "torchao")
+
+
+def is_quantized(model: nn.Module) -> bool:
+    """True when some layer already holds quantised weights (torch.ao modules or torchao tensors)."""
+    for module in model.modules():
+        if "quantized" in type(module).__module__:
+            return True
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and (type(weight) not in (torch.Tensor, nn.Parameter)
+                                                 or type(weight.data) is not torch.Tensor):
+            return True
+    return False
+
+
+def quantizable_linears(model: nn.Module, target_modules: Optional[Any], key: str) -> dict[str, nn.Linear]:
+    """Targeted linears; null targets every nn.Linear but LoRA's factors (merged away first) and a head that
+    a PEFT wrapper trains and saves with the adapter (kept float so the adapter export stays plain tensors)."""
+    if target_modules is not None:
+        return target_linears(model, target_modules, key)
+    found = {name: m for name, m in model.named_modules()
+             if type(m) is nn.Linear and not any(part in name for part in (".lora_", "modules_to_save",
+                                                                            "original_module"))}
+    if not found:
+        raise UserError(f"{key}=null: the model has no linear layer to quantise")
+    return found
+
+
+def merge_adapter_in_place(model: nn.Module) -> None:
+    """Fold a PEFT adapter into the base weights, keeping the wrapper so adapter export still works."""
+    if hasattr(model, "merge_adapter"):
+        model.merge_adapter()
+        reapply_masks(model)
+
+
+@dataclass
+class DynamicInt8Config:
+    method: str = "dynamic_int8"
+    # torch_ao (torch.ao.quantization.quantize_dynamic, faster on CPU) | torchao (Int8DynamicActivationInt8WeightConfig).
+    backend: str = "torch_ao"
+    # Regex over module names or a list of name suffixes (null: every linear layer, head included, as in
+    # PyTorch's dynamic quantisation tutorial for BERT).
+    target_modules: Optional[Any] = None
+
+    def __post_init__(self):
+        check(self.backend in BACKENDS, "backend", self.backend, f"one of {list(BACKENDS)}")
+
+
+@dataclass
+class WeightOnlyInt8Config:
+    method: str = "weight_only_int8"
+    target_modules: Optional[Any] = None
+
+
+class PostTrainingQuantization(CompressionMethod):
+    acts = ("before_fit", "after_fit")
+
+    def before_fit(self, ctx) -> None:
+        # Checked before training so a doomed run costs nothing.
+        accelerator = ctx.settings.hardware.accelerator
+        if accelerator != "cpu":
+            raise UserError(f"compression.method={self.settings.method!r} builds a model for CPU inference; "
+                            f"hardware.accelerator={accelerator!r} is not allowed with it: use hardware=cpu")
+        previous = getattr(ctx, "quantized_by", None)
+        if previous is not None or is_quantized(ctx.model):
+            raise UserError(f"compression.method={self.settings.method!r}: the model is already quantised"
+                            f"{f' by {previous!r}' if previous else ''}; quantise once (allowed: one "
+                            "quantisation step per run, on a float model)")
+        ctx.quantized_by = self.settings.method
+
+    def quantize(self, model: nn.Module, names: list[str]) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_fit(self, ctx) -> None:
+        model = ctx.model
+        if is_quantized(model):
+            raise UserError(f"compression.method={self.settings.method!r}: the model is already quantised; "
+                            "quantise once")
+        model.cpu().eval()
+        merge_adapter_in_place(model)
+        layers = quantizable_linears(model, self.settings.target_modules, "compression.target_modules")
+        names = list(layers)
+        self.quantize(model, names)
+        self.report = {"quantized_layers": len(names), "layers": names, **self.describe()}
+
+    def describe(self) -> dict[str, Any]:
+        return {}
+
+
+@COMPRESSION.register("dynamic_int8", config=DynamicInt8Config)
+class DynamicInt8(PostTrainingQuantization):
+    def quantize(self, model, names):
+        if self.settings.backend == "torch_ao":
+            torch.ao.quantization.quantize_dynamic(model, set(names), dtype=torch.qint8, inplace=True)
+        else:
+            from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+            wanted = set(names)
+            quantize_(model, Int8DynamicActivationInt8WeightConfig(), filter_fn=lambda m, fqn: fqn in wanted)
+
+    def describe(self):
+        return {"backend": self.settings.backend, "scheme": "int8 weights, dynamic int8 activations"}
+
+
+@COMPRESSION.register("weight_only_int8", config=WeightOnlyInt8Config)
+class WeightOnlyInt8(PostTrainingQuantization):
+    def quantize(self, model, names):
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        wanted = set(names)
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: fqn in wanted)
+
+    def describe(self):
+        return {"backend": "torchao", "scheme": "int8 weights, float activations"}

@@ -1,0 +1,308 @@
+"""Structured pruning that really shrinks the model: attention heads, feed-forward neurons, whole layers.
+
+- Heads (BERT encoders): importance is Michel et al. (2019)'s |dL/d gate| of a
+  gate on each head's output, summed over calibration batches
+  (`importance: gradient`), or the L1 norm of the head's weights
+  (`importance: l1`). The lowest `head_ratio` of the heads of every layer are
+  cut out of the query/key/value rows and the output projection's columns.
+- Neurons (BERT and Llama feed-forward blocks): first-order Taylor importance
+  |activation * gradient| (Molchanov et al. 2017) or the L1 norm of the
+  neuron's in and out weights; the lowest `neuron_ratio` of each layer go.
+- Layers: `drop_layers` is a list of block indices, or a count of top blocks
+  to drop (top-layer dropping, Sajjad et al. 2020, is the strongest simple rule).
+
+Every layer keeps the same number of heads and neurons, so the shrunk model is
+described by its config: `intermediate_size` and `num_hidden_layers` are plain
+transformers fields; a BERT with fewer heads per layer (head size unchanged)
+is saved as model type `llmk_pruned_bert`, registered with transformers' Auto
+classes when llmk_lab is imported, so `AutoModelFor*.from_pretrained` reloads it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification,
+                          AutoModelForTokenClassification, BertConfig, BertForMaskedLM, BertForSequenceClassification,
+                          BertForTokenClassification, BertModel)
+
+from llmk_lab.compression import COMPRESSION, CompressionMethod
+from llmk_lab.errors import UserError, check
+from llmk_lab.models import BLOCK_LINEARS
+
+PRUNED_BERT = "llmk_pruned_bert"
+
+
+class PrunedBertConfig(BertConfig):
+    """A BERT whose layers keep `attention_heads_kept` heads of `hidden_size / num_attention_heads` each."""
+    model_type = PRUNED_BERT
+
+    def __init__(self, attention_heads_kept: Optional[int] = None, **kwargs):
+        super().__init__(**kwargs)
+        self.attention_heads_kept = attention_heads_kept
+
+
+def _pruned_class(base: type) -> type:
+    def __init__(self, config, *args, **kwargs):
+        base.__init__(self, config, *args, **kwargs)
+        if config.attention_heads_kept is not None:
+            for block in transformer_blocks(self):
+                keep = list(range(config.attention_heads_kept))
+                remove_heads(block, keep)  # shapes only: the checkpoint's weights are loaded afterwards
+
+    return type(f"Pruned{base.__name__}", (base,), {"config_class": PrunedBertConfig, "__init__": __init__})
+
+
+AutoConfig.register(PRUNED_BERT, PrunedBertConfig, exist_ok=True)
+for _auto, _base in ((AutoModel, BertModel), (AutoModelForSequenceClassification, BertForSequenceClassification),
+                     (AutoModelForTokenClassification, BertForTokenClassification),
+                     (AutoModelForMaskedLM, BertForMaskedLM)):
+    _auto.register(PrunedBertConfig, _pruned_class(_base), exist_ok=True)
+BLOCK_LINEARS.setdefault(PRUNED_BERT, BLOCK_LINEARS["bert"])
+
+
+@dataclass
+class StructuredConfig:
+    method: str = "structured"
+    # Fraction of the attention heads removed from every layer (BERT encoders), in [0, 1).
+    head_ratio: float = 0.0
+    # Fraction of the feed-forward neurons removed from every layer, in [0, 1).
+    neuron_ratio: float = 0.0
+    # Blocks to remove: a list of indices, or a count of top blocks.
+    drop_layers: Any = field(default_factory=list)
+    # gradient: Michel et al. head gates / Taylor neuron scores on calibration data; l1: weight norms.
+    importance: str = "gradient"
+    # Training examples used to score heads and neurons (importance: gradient).
+    calibration_examples: int = 128
+    calibration_batch_size: int = 16
+
+    def __post_init__(self):
+        check(0 <= self.head_ratio < 1, "head_ratio", self.head_ratio, "a number in [0, 1)")
+        check(0 <= self.neuron_ratio < 1, "neuron_ratio", self.neuron_ratio, "a number in [0, 1)")
+        check(self.importance in ("gradient", "l1"), "importance", self.importance, "one of ['gradient', 'l1']")
+        check(self.calibration_examples >= 1, "calibration_examples", self.calibration_examples, "an integer >= 1")
+        check(self.calibration_batch_size >= 1, "calibration_batch_size", self.calibration_batch_size,
+              "an integer >= 1")
+        if isinstance(self.drop_layers, int):
+            check(self.drop_layers >= 0, "drop_layers", self.drop_layers, "a count >= 0 or a list of layer indices")
+        else:
+            check(all(isinstance(i, int) and i >= 0 for i in self.drop_layers), "drop_layers", self.drop_layers,
+                  "a count >= 0 or a list of layer indices >= 0")
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's list of transformer blocks (BERT `encoder.layer`, Llama `layers`)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (name.endswith("encoder.layer") or name.endswith("model.layers")
+                                                  or name == "layers"):
+            return module
+    raise UserError(f"model {type(model).__name__} has no list of transformer blocks (encoder.layer or "
+                    "model.layers); structured pruning supports BERT and Llama models")
+
+
+def _sliced(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
+    """A smaller Linear keeping `index` of its outputs (dim 0) or inputs (dim 1)."""
+    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device)).clone()
+    out_features, in_features = weight.shape
+    new = nn.Linear(in_features, out_features, bias=linear.bias is not None,
+                    device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if linear.bias is not None:
+        bias = linear.bias.detach()
+        new.bias.data.copy_(bias.index_select(0, index.to(bias.device)) if dim == 0 else bias)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+def _is_bert_block(block: nn.Module) -> bool:
+    return hasattr(block, "attention") and hasattr(block.attention, "self")
+
+
+def remove_heads(block: nn.Module, keep: list[int]) -> None:
+    """Keep only the heads `keep` of a BERT block's self-attention."""
+    attention = block.attention.self
+    size = attention.attention_head_size
+    index = torch.cat([torch.arange(h * size, (h + 1) * size) for h in sorted(keep)])
+    for name in ("query", "key", "value"):
+        setattr(attention, name, _sliced(getattr(attention, name), index, 0))
+    block.attention.output.dense = _sliced(block.attention.output.dense, index, 1)
+    attention.num_attention_heads = len(keep)
+    attention.all_head_size = len(keep) * size
+
+
+def _ffn(block: nn.Module) -> tuple[list[tuple[nn.Module, str]], tuple[nn.Module, str]]:
+    """(layers whose outputs are the neurons, layer whose inputs are the neurons) of a block."""
+    if hasattr(block, "intermediate"):
+        return [(block.intermediate, "dense")], (block.output, "dense")
+    if hasattr(block, "mlp") and hasattr(block.mlp, "gate_proj"):
+        return [(block.mlp, "gate_proj"), (block.mlp, "up_proj")], (block.mlp, "down_proj")
+    raise UserError(f"block {type(block).__name__} has no known feed-forward layout; neuron pruning supports "
+                    "BERT and Llama blocks")
+
+
+def remove_neurons(block: nn.Module, keep: torch.Tensor) -> None:
+    ins, (out_parent, out_name) = _ffn(block)
+    keep = keep.sort().values
+    for parent, name in ins:
+        setattr(parent, name, _sliced(getattr(parent, name), keep, 0))
+    setattr(out_parent, out_name, _sliced(getattr(out_parent, out_name), keep, 1))
+
+
+def head_l1(block: nn.Module) -> torch.Tensor:
+    attention = block.attention.self
+    heads, size = attention.num_attention_heads, attention.attention_head_size
+    score = sum(getattr(attention, n).weight.abs().view(heads, size, -1).sum((1, 2)) for n in ("query", "key", "value"))
+    return score + block.attention.output.dense.weight.abs().view(-1, heads, size).sum((0, 2))
+
+
+def neuron_l1(block: nn.Module) -> torch.Tensor:
+    ins, (out_parent, out_name) = _ffn(block)
+    score = sum(getattr(parent, name).weight.abs().sum(1) for parent, name in ins)
+    return score + getattr(out_parent, out_name).weight.abs().sum(0)
+
+
+def gradient_importance(model: nn.Module, blocks: nn.ModuleList, batches: list[dict], heads: bool,
+                        neurons: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Michel et al. head importance |dL/dgate| and Taylor neuron importance |a * dL/da|, summed over batches."""
+    head_scores = [None] * len(blocks)
+    neuron_scores = [None] * len(blocks)
+    hooks, gates = [], []
+    device = next(model.parameters()).device
+    for i, block in enumerate(blocks):
+        if heads:
+            n_heads = block.attention.self.num_attention_heads
+            gate = torch.ones(n_heads, device=device, requires_grad=True)
+            gates.append(gate)
+
+            def gated(module, args, output, gate=gate):
+                context = output[0]
+                shape = context.shape
+                context = (context.view(*shape[:-1], gate.numel(), -1) * gate[:, None]).view(shape)
+                return (context, *output[1:])
+
+            hooks.append(block.attention.self.register_forward_hook(gated))
+        if neurons:
+            _, (out_parent, out_name) = _ffn(block)
+
+            def taylor(module, args, i=i):
+                activation = args[0]
+                activation.retain_grad()
+                module._llmk_activation = activation
+
+            hooks.append(getattr(out_parent, out_name).register_forward_pre_hook(taylor))
+    was_training = model.training
+    model.eval()  # no dropout: importance of the deterministic network
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            model.zero_grad(set_to_none=True)
+            loss = model(**batch).loss
+            loss.backward()
+            for i, block in enumerate(blocks):
+                if heads:
+                    g = gates[i].grad.abs().detach().clone()
+                    head_scores[i] = g if head_scores[i] is None else head_scores[i] + g
+                    gates[i].grad = None
+                if neurons:
+                    _, (out_parent, out_name) = _ffn(block)
+                    down = getattr(out_parent, out_name)
+                    a = down._llmk_activation
+                    s = (a * a.grad).abs().flatten(0, -2).sum(0).detach()
+                    neuron_scores[i] = s if neuron_scores[i] is None else neuron_scores[i] + s
+                    del down._llmk_activation
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return head_scores, neuron_scores
+
+
+@COMPRESSION.register("structured", config=StructuredConfig)
+class StructuredPruning(CompressionMethod):
+    acts = ("before_fit",)
+
+    def before_fit(self, ctx) -> None:
+        s = self.settings
+        model = ctx.model
+        blocks = transformer_blocks(model)
+        n_blocks = len(blocks)
+        drop = self._layers_to_drop(n_blocks)
+        report: dict[str, Any] = {"layers_before": n_blocks}
+        params_before = sum(p.numel() for p in model.parameters())
+
+        if s.head_ratio > 0:
+            if not _is_bert_block(blocks[0]):
+                raise UserError(f"compression.head_ratio={s.head_ratio} needs a BERT encoder; head removal is not "
+                                f"implemented for {type(blocks[0]).__name__} (use neuron_ratio or drop_layers)")
+            heads = blocks[0].attention.self.num_attention_heads
+            removed = round(s.head_ratio * heads)
+            if removed >= heads:
+                raise UserError(f"compression.head_ratio={s.head_ratio} would remove all {heads} heads of every "
+                                f"layer; allowed: a ratio below {(heads - 0.5) / heads:.3f}")
+        if s.neuron_ratio > 0:
+            _ffn(blocks[0])
+
+        head_scores = neuron_scores = None
+        if s.importance == "gradient" and (s.head_ratio > 0 or s.neuron_ratio > 0):
+            batches = ctx.datamodule.calibration_batches(s.calibration_examples, s.calibration_batch_size)
+            head_scores, neuron_scores = gradient_importance(model, blocks, batches, s.head_ratio > 0,
+                                                             s.neuron_ratio > 0)
+        with torch.no_grad():
+            if s.head_ratio > 0:
+                kept = heads - removed
+                report["heads_removed"] = {}
+                for i, block in enumerate(blocks):
+                    score = head_scores[i] if head_scores is not None else head_l1(block)
+                    keep = score.topk(kept).indices.sort().values.tolist()
+                    report["heads_removed"][str(i)] = sorted(set(range(heads)) - set(keep))
+                    remove_heads(block, keep)
+                config = PrunedBertConfig(attention_heads_kept=kept, **_config_fields(model.config))
+                config._attn_implementation = model.config._attn_implementation
+                model.config = config
+                for module in model.modules():
+                    if getattr(module, "config", None) is not None and module is not model:
+                        module.config = config
+            if s.neuron_ratio > 0:
+                width = model.config.intermediate_size
+                kept_neurons = width - round(s.neuron_ratio * width)
+                for i, block in enumerate(blocks):
+                    score = neuron_scores[i] if neuron_scores is not None else neuron_l1(block)
+                    remove_neurons(block, score.topk(kept_neurons).indices)
+                model.config.intermediate_size = kept_neurons
+                report["neurons_per_layer"] = [width, kept_neurons]
+        if drop:
+            for index in sorted(drop, reverse=True):
+                del blocks[index]  # ModuleList renumbers, so saved keys stay contiguous
+            for index, block in enumerate(blocks):
+                for module in block.modules():
+                    if hasattr(module, "layer_idx"):
+                        module.layer_idx = index  # caches are indexed by position
+            model.config.num_hidden_layers = len(blocks)
+            if isinstance(getattr(model.config, "layer_types", None), list):
+                model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in drop]
+            report["layers_dropped"] = sorted(drop)
+        report["params_before"] = params_before
+        report["params_after"] = sum(p.numel() for p in model.parameters())
+        self.report = report
+
+    def _layers_to_drop(self, n_blocks: int) -> set[int]:
+        value = self.settings.drop_layers
+        drop = set(range(n_blocks - value, n_blocks)) if isinstance(value, int) else set(value)
+        if isinstance(value, int) and value >= n_blocks or len(drop) >= n_blocks:
+            raise UserError(f"compression.drop_layers={value!r} would remove every one of the model's {n_blocks} "
+                            "layers; allowed: fewer layers than the model has")
+        out_of_range = sorted(i for i in drop if i >= n_blocks)
+        if out_of_range:
+            raise UserError(f"compression.drop_layers={value!r} names layers {out_of_range} that do not exist; "
+                            f"allowed: indices 0..{n_blocks - 1}")
+        return drop
+
+
+def _config_fields(config) -> dict[str, Any]:
+    fields = config.to_dict()
+    for key in ("model_type", "transformers_version", "architectures"):
+        fields.pop(key, None)
+    return fields
