@@ -121,7 +121,27 @@ def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict
         merged.save_pretrained(run_dir / "merged", safe_serialization=True)
         ctx.tokenizer.save_pretrained(run_dir / "merged")
         written["merged"] = str(run_dir / "merged")
+        ctx.reports["export/merged_max_logit_diff"] = merged_logit_gap(ctx, run_dir / "merged")
     return written
+
+
+@torch.no_grad()
+def merged_logit_gap(ctx: RunContext, merged_dir: Path, tolerance: float = 1e-3) -> float:
+    """Largest |logit difference| between the trained model and its merged export reloaded with
+    `from_pretrained`, on one validation batch: the export must predict what the run measured."""
+    reloaded = ctx.task.auto_class.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    batch = next(iter(ctx.datamodule.val_dataloader()))
+    device = next(ctx.model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    was_training = ctx.model.training
+    ctx.model.eval()
+    trained = ctx.model(**batch).logits.float()
+    ctx.model.train(was_training)
+    exported = reloaded.to(device)(**batch).logits.float()
+    gap = float((trained - exported).abs().max())
+    if gap > tolerance * (1.0 + float(trained.abs().max())):
+        log.warning("the merged export differs from the trained model: max |logit difference| %.3g", gap)
+    return gap
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
