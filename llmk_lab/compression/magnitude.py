@@ -3,33 +3,33 @@
 `scope: layer` uses one threshold per weight matrix (each layer gets exactly the
 requested sparsity, the protocol of Wanda/SparseGPT's magnitude baseline);
 `scope: global` ranks all targeted weights together (Han et al. 2015).
+With `prune_n`/`prune_m` the N largest |W| of every M consecutive input
+weights of a row are kept.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
 
 import torch
+from torch import nn
 
-from llmk_lab.compression import COMPRESSION, CompressionMethod, target_linears
-from llmk_lab.compression.masks import set_mask, sparsity_report
+from llmk_lab.compression import COMPRESSION
+from llmk_lab.compression.masks import set_mask
+from llmk_lab.compression.one_shot import OneShotConfig, OneShotPruning, keep_mask, layer_keep_mask
 from llmk_lab.errors import check
 
 
 @dataclass
-class MagnitudeConfig:
+class MagnitudeConfig(OneShotConfig):
     method: str = "magnitude"
-    # Fraction of the targeted weights set to zero, in [0, 1).
-    sparsity: float = 0.5
     # layer: one threshold per matrix; global: one threshold over all targeted matrices.
     scope: str = "layer"
-    # Regex over module names or a list of name suffixes (null: every linear
-    # layer inside the transformer blocks).
-    target_modules: Optional[Any] = None
 
     def __post_init__(self):
-        check(0 <= self.sparsity < 1, "sparsity", self.sparsity, "a number in [0, 1)")
+        super().__post_init__()
         check(self.scope in ("layer", "global"), "scope", self.scope, "one of ['layer', 'global']")
+        check(not (self.n_m and self.scope == "global"), "scope", self.scope,
+              "'layer' with an N:M pattern (its groups are within a row; there is no global threshold)")
 
 
 def lowest_k_mask(scores: torch.Tensor, n_pruned: int) -> torch.Tensor:
@@ -41,24 +41,19 @@ def lowest_k_mask(scores: torch.Tensor, n_pruned: int) -> torch.Tensor:
 
 
 @COMPRESSION.register("magnitude", config=MagnitudeConfig)
-class MagnitudePruning(CompressionMethod):
-    acts = ("before_fit",)
-
+class MagnitudePruning(OneShotPruning):
     @torch.no_grad()
-    def before_fit(self, ctx) -> None:
+    def prune(self, model: nn.Module, layers: dict[str, nn.Module], ctx=None) -> None:
         s = self.settings
-        layers = target_linears(ctx.model, s.target_modules, "compression.target_modules")
         if s.scope == "layer":
             for layer in layers.values():
-                scores = layer.weight.abs()
-                set_mask(layer, lowest_k_mask(scores, round(s.sparsity * scores.numel())))
+                set_mask(layer, keep_mask(layer.weight.abs(), s, per_row=False))
         else:
             scores = torch.cat([layer.weight.abs().flatten() for layer in layers.values()])
-            keep = lowest_k_mask(scores, round(s.sparsity * scores.numel()))
+            keep = layer_keep_mask(scores, s.sparsity)
             offset = 0
             for layer in layers.values():
                 n = layer.weight.numel()
                 set_mask(layer, keep[offset: offset + n].view_as(layer.weight))
                 offset += n
-        self.report = {"requested_sparsity": s.sparsity, "achieved_sparsity": sparsity_report(ctx.model, layers)["overall"],
-                       "pruned_layers": len(layers)}
+        self.record(model, layers, scope=s.scope)

@@ -1,0 +1,166 @@
+"""What the one-shot pruning methods share: their knobs, the N:M pattern, masks from scores, the report.
+
+Sparsity patterns:
+
+- unstructured: a fraction `sparsity` of each layer's weights is zeroed;
+- N:M (`prune_n: 2, prune_m: 4`): in every group of M consecutive input
+  weights of an output row the N highest-scoring are kept (2:4 is what sparse
+  tensor cores accelerate); it implies sparsity 1 - N/M.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from llmk_lab.compression import CompressionMethod, target_linears
+from llmk_lab.compression.calibration import InputStatistics, prune_block_sequentially
+from llmk_lab.compression.masks import sparsity_report
+from llmk_lab.errors import UserError, check
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OneShotConfig:
+    method: str = "magnitude"
+    # Fraction of each targeted layer's weights set to zero, in [0, 1).
+    sparsity: float = 0.5
+    # N:M pattern: keep `prune_n` of every `prune_m` consecutive input weights (0, 0: unstructured).
+    prune_n: int = 0
+    prune_m: int = 0
+    # Regex over module names or a list of name suffixes (null: every linear
+    # layer inside the transformer blocks).
+    target_modules: Optional[Any] = None
+
+    def __post_init__(self):
+        check(0 <= self.sparsity < 1, "sparsity", self.sparsity, "a number in [0, 1)")
+        check(self.prune_m >= 0, "prune_m", self.prune_m, "0 (unstructured) or a group size M >= 2")
+        if self.prune_m == 0:
+            check(self.prune_n == 0, "prune_n", self.prune_n, "0 when prune_m is 0 (unstructured)")
+        else:
+            check(self.prune_m >= 2, "prune_m", self.prune_m, "0 (unstructured) or a group size M >= 2")
+            check(0 < self.prune_n < self.prune_m, "prune_n", self.prune_n,
+                  f"a number of kept weights N with 0 < N < prune_m={self.prune_m}")
+            implied = 1 - self.prune_n / self.prune_m
+            check(abs(self.sparsity - implied) < 1e-9, "sparsity", self.sparsity,
+                  f"{implied:g}, the sparsity {self.prune_n}:{self.prune_m} implies (or set prune_n=0, prune_m=0)")
+
+    @property
+    def n_m(self) -> bool:
+        return self.prune_m > 0
+
+    @property
+    def pattern(self) -> str:
+        return f"{self.prune_n}:{self.prune_m}" if self.n_m else "unstructured"
+
+
+@dataclass
+class CalibratedConfig(OneShotConfig):
+    # Calibration sequences from the training split (their length is the data's max length).
+    n_calibration: int = 128
+    # Sequences per forward pass during calibration (null: the evaluation batch size).
+    calibration_batch_size: Optional[int] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.n_calibration >= 1, "n_calibration", self.n_calibration, "a number of sequences >= 1")
+        check(self.calibration_batch_size is None or self.calibration_batch_size >= 1, "calibration_batch_size",
+              self.calibration_batch_size, "null or a batch size >= 1")
+
+
+def check_n_m_fits(layers: dict[str, nn.Module], settings: OneShotConfig) -> None:
+    """N:M groups run along each row's inputs: every layer's input dimension must be a multiple of M."""
+    if not settings.n_m:
+        return
+    for name, layer in layers.items():
+        if layer.in_features % settings.prune_m:
+            raise UserError(f"compression.prune_m={settings.prune_m} is not allowed: layer {name} has "
+                            f"{layer.in_features} input features, not divisible by {settings.prune_m}; "
+                            "N:M needs every pruned layer's input dimension divisible by M")
+
+
+def n_m_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """True where kept: the `n` highest scores of every `m` consecutive entries of each row."""
+    rows, cols = scores.shape
+    groups = scores.reshape(rows, cols // m, m)
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
+    return keep.reshape(rows, cols)
+
+
+def row_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """True where kept: the lowest `sparsity` fraction of each row is pruned (per-output comparison)."""
+    rows, cols = scores.shape
+    pruned = round(sparsity * cols)
+    keep = torch.ones_like(scores, dtype=torch.bool)
+    if pruned:
+        keep.scatter_(1, torch.topk(scores, pruned, dim=1, largest=False).indices, False)
+    return keep
+
+
+def layer_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """True where kept: the lowest `sparsity` fraction of the whole matrix is pruned (one threshold)."""
+    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
+    pruned = round(sparsity * scores.numel())
+    if pruned:
+        keep[torch.topk(scores.flatten(), pruned, largest=False).indices] = False
+    return keep.view_as(scores)
+
+
+class OneShotPruning(CompressionMethod):
+    """Prunes the targeted linear layers once, before fine-tuning, and reports the sparsity achieved."""
+
+    acts = ("before_fit",)
+
+    def before_fit(self, ctx) -> None:
+        layers = self.layers(ctx.model)
+        self.prune(ctx.model, layers, ctx)
+
+    def layers(self, model: nn.Module) -> dict[str, nn.Module]:
+        layers = target_linears(model, self.settings.target_modules, "compression.target_modules")
+        check_n_m_fits(layers, self.settings)
+        return layers
+
+    def prune(self, model: nn.Module, layers: dict[str, nn.Module], ctx=None) -> None:
+        raise NotImplementedError
+
+    def record(self, model: nn.Module, layers: dict[str, nn.Module], **extra) -> None:
+        achieved = sparsity_report(model, layers)
+        requested = self.settings.sparsity
+        self.report = {"requested_sparsity": requested, "achieved_sparsity": achieved["overall"],
+                       "pattern": self.settings.pattern, "pruned_layers": len(layers),
+                       "per_layer": {name: {"requested": requested, "achieved": value}
+                                     for name, value in achieved["per_layer"].items()}, **extra}
+
+
+class CalibratedPruning(OneShotPruning):
+    """A method whose scores need the layers' inputs: pruned block by block on calibration data."""
+
+    # Whether the statistics must include X^T X (SparseGPT's Hessian).
+    needs_gram = False
+
+    def prune(self, model: nn.Module, layers: dict[str, nn.Module], ctx=None) -> None:
+        s = self.settings
+        batches = ctx.datamodule.calibration_batches(s.n_calibration, s.calibration_batch_size)
+        self.prune_with_batches(model, layers, batches)
+
+    def prune_with_batches(self, model: nn.Module, layers: dict[str, nn.Module], batches) -> None:
+        result = prune_block_sequentially(model, layers, batches, self.prune_layer, gram=self.needs_gram)
+        if result.sequences < self.settings.n_calibration:
+            log.warning("calibration used %d sequences, fewer than n_calibration=%d (all the data offered)",
+                        result.sequences, self.settings.n_calibration)
+        self.record(model, layers, calibration_sequences=result.sequences, calibration_tokens=result.tokens)
+
+    def prune_layer(self, name: str, layer: nn.Module, stats: InputStatistics) -> None:
+        raise NotImplementedError
+
+
+def keep_mask(scores: torch.Tensor, settings: OneShotConfig, per_row: bool) -> torch.Tensor:
+    """True where kept, by the configured pattern: N:M, per output row, or one threshold per layer."""
+    if settings.n_m:
+        return n_m_keep_mask(scores, settings.prune_n, settings.prune_m)
+    return row_keep_mask(scores, settings.sparsity) if per_row else layer_keep_mask(scores, settings.sparsity)
