@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from llmk_lab import register_all
 from llmk_lab.errors import UserError
 from llmk_lab.manifest import write_json
+from llmk_lab.sweep import completed_metrics, config_fingerprint, job_name, mark_completed, sweep_group
 
 log = logging.getLogger("llmk_lab")
 
@@ -57,10 +58,21 @@ def run_job(cfg: DictConfig) -> float:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
-    name = hydra_cfg.job.override_dirname or "default"
-    group = Path(hydra_cfg.sweep.dir).name if multirun else None
+    sweep_dir = Path(hydra_cfg.sweep.dir) if multirun else None
+    name = job_name(overrides, sweep_dir)
+    group = sweep_group(sweep_dir) if multirun else None
+    fingerprint = config_fingerprint(cfg)
+    if cfg.sweep.resume and not cfg.sweep.force:
+        previous = completed_metrics(run_dir, fingerprint)
+        if previous is not None:
+            log.info("skipping %s: it completed with the same config (sweep.force=true runs it again)", run_dir)
+            return _objective(previous, cfg.optimized_metric)
+    if multirun:  # results of an earlier attempt in this job's directory must not pass for this one's
+        for stale in ("metrics.json", "failed.json"):
+            (run_dir / stale).unlink(missing_ok=True)
     try:
         metrics = run(cfg, run_dir, run_name=name, group=group, overrides=overrides)
+        mark_completed(run_dir, fingerprint)
     except (UserError, Exception) as err:  # noqa: B014  (UserError first: it is the expected case)
         line = str(err).splitlines()[0] if str(err) else type(err).__name__
         if isinstance(err, UserError) and not multirun and not os.environ.get("HYDRA_FULL_ERROR"):
@@ -76,7 +88,11 @@ def run_job(cfg: DictConfig) -> float:
             log.error("job failed: %s", line)
             return math.nan
         raise
-    value = metrics.get(cfg.optimized_metric, math.nan)
+    return _objective(metrics, cfg.optimized_metric)
+
+
+def _objective(metrics: dict, key: str) -> float:
+    value = metrics.get(key, math.nan)
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 

@@ -177,6 +177,26 @@ class MeasureConfig:
 
 
 @dataclass
+class SweepConfig:
+    # Rerun into the same run/sweep directory (`hydra.sweep.dir=...`): skip jobs
+    # that completed with the same resolved config, continue interrupted ones
+    # from their last checkpoint, run the rest.
+    resume: bool = False
+    # With `resume`: run every job again from scratch, completed or not.
+    force: bool = False
+    # How often a job saves the checkpoint it can be resumed from (removed when
+    # the job completes); steps, when > 0, take precedence over minutes; 0 and 0: never.
+    checkpoint_every_n_steps: int = 0
+    checkpoint_every_minutes: float = 10.0
+
+    def __post_init__(self) -> None:
+        check(self.checkpoint_every_n_steps >= 0, "checkpoint_every_n_steps", self.checkpoint_every_n_steps,
+              "an integer >= 0")
+        check(self.checkpoint_every_minutes >= 0, "checkpoint_every_minutes", self.checkpoint_every_minutes,
+              "a number >= 0")
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -189,6 +209,7 @@ class RunConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 42
     # Metric the run returns to Hydra's sweepers (e.g. Optuna).
     optimized_metric: str = "test/acc"

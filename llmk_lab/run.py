@@ -32,7 +32,7 @@ from llmk_lab.module import TaskModule, ThroughputMonitor
 from llmk_lab.peft import PEFT, PeftStrategy
 from llmk_lab.registry import to_settings
 from llmk_lab.tasks import get_task
-from llmk_lab import tracking
+from llmk_lab import sweep, tracking
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ def build_trainer(settings: RunConfig, loggers: list, callbacks: list, run_dir: 
         log_every_n_steps=train.log_every_n_steps, fast_dev_run=train.fast_dev_run,
         check_val_every_n_epoch=train.val_every_n_epochs or train.max_epochs + 1,
         num_sanity_val_steps=0, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
-        enable_checkpointing=False, enable_model_summary=False, deterministic="warn",
+        enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
+        enable_model_summary=False, deterministic="warn",
     )
 
 
@@ -199,6 +200,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         callbacks.append(MaskKeeper(ctx.model))
     for method in p.methods:
         callbacks.extend(method.callbacks(ctx))
+    callbacks.extend(sweep.checkpoint_callbacks(settings, run_dir))  # lets an interrupted job resume
     loggers = tracking.build_loggers(settings.logger, run_dir, run_name, group,
                                      OmegaConf.to_container(cfg, resolve=True))
     failed = True
@@ -207,7 +209,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         # Pretrained models load in eval mode; Lightning keeps each submodule's
         # mode, so switch to train mode explicitly (dropout on).
         ctx.module.train()
-        trainer.fit(ctx.module, datamodule=datamodule)
+        trainer.fit(ctx.module, datamodule=datamodule, ckpt_path=sweep.checkpoint_to_resume(settings, run_dir))
         train_figures = {"train/examples_per_s": throughput.examples_per_second,
                          "train/peak_memory_mb": peak_memory_mb(), "train/examples": throughput.examples,
                          "train/steps": trainer.global_step, "train/seconds": throughput.seconds}
@@ -238,6 +240,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
             **ctx.reports,
         })
         write_json(run_dir / "metrics.json", metrics)
+        sweep.discard_resume_checkpoint(run_dir)
         tracking.log_summary(loggers, metrics)
         failed = False
     finally:

@@ -1,0 +1,189 @@
+"""Sweeps: naming and grouping the jobs of a multirun, resuming an interrupted one, and the report at its end.
+
+A sweep directory holds one run directory per job (`<sweep dir>/<job number>/`)
+and `sweep.json`, written when the multirun starts: which keys the sweep
+varies, the metric it optimises and in which direction. Jobs name their
+tracked run after the keys they vary; the report reads the same file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+RESUME_CHECKPOINT = "resume"  # checkpoints/resume.ckpt, removed once the job completes
+# Keys that say how to run a job, not what it computes: they neither name a
+# configuration nor change its fingerprint.
+CONTROL_KEYS = ("sweep", "run_dir")
+_DATE_DIR = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+def override_key(override: str) -> str:
+    """`+peft.r=8` -> `peft.r`; `~compression` -> `compression`."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def is_control_key(key: str) -> bool:
+    return key.split(".", 1)[0] in CONTROL_KEYS or key.startswith("hydra.")
+
+
+def sweep_group(sweep_dir: str | Path) -> str:
+    """W&B group of a sweep: its directory name, with the date for Hydra's `<date>/<time>` layout."""
+    path = Path(sweep_dir)
+    if _DATE_DIR.match(path.parent.name):
+        return f"{path.parent.name}_{path.name}"
+    return path.name
+
+
+def swept_keys(multirun_overrides: Iterable[str], sweeper_params: Optional[dict]) -> list[str]:
+    """Keys a multirun varies: command-line sweeps (`a=1,2`, `choice(...)`, `range(...)`) and sweeper params."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    keys = list((sweeper_params or {}).keys())
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(multirun_overrides))
+    except Exception:  # noqa: BLE001  (an override Hydra itself accepted; naming must never fail a job)
+        parsed = []
+    keys += [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
+    return sorted({k for k in keys if not is_control_key(k)})
+
+
+def read_sweep_info(sweep_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((Path(sweep_dir) / SWEEP_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def job_name(overrides: list[str], sweep_dir: Optional[Path]) -> str:
+    """A job's tracked-run name: the overrides of the keys its sweep varies (all of them outside a sweep)."""
+    varied = set(read_sweep_info(sweep_dir).get("swept_keys", [])) if sweep_dir else set()
+    chosen = [o for o in overrides if override_key(o) in varied] if varied else \
+        [o for o in overrides if not is_control_key(override_key(o))]
+    return ",".join(chosen) or "default"
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """Hash of the resolved config without run-directory specifics and run controls (resume flags)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    for key in CONTROL_KEYS:
+        plain.pop(key, None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def completed_metrics(run_dir: Path, fingerprint: str) -> Optional[dict[str, Any]]:
+    """The metrics of a job that finished in `run_dir` with the same config, else None."""
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if metrics.get("config_hash") == fingerprint else None
+
+
+def mark_completed(run_dir: Path, fingerprint: str) -> None:
+    from llmk_lab.manifest import write_json
+
+    path = run_dir / "metrics.json"
+    metrics = json.loads(path.read_text())
+    metrics["config_hash"] = fingerprint
+    write_json(path, metrics)
+
+
+# --- interrupted jobs: a periodic checkpoint to continue from -------------------------------------------------
+
+def resume_checkpoint_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints" / f"{RESUME_CHECKPOINT}.ckpt"
+
+
+def checkpoint_callbacks(settings, run_dir: Path) -> list:
+    """A ModelCheckpoint that keeps one `resume.ckpt`, overwritten every N steps or minutes."""
+    from datetime import timedelta
+
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    every = settings.sweep
+    if settings.train.fast_dev_run or not (every.checkpoint_every_n_steps or every.checkpoint_every_minutes):
+        return []
+    timing = ({"every_n_train_steps": every.checkpoint_every_n_steps} if every.checkpoint_every_n_steps else
+              {"train_time_interval": timedelta(minutes=every.checkpoint_every_minutes)})
+    callback = ModelCheckpoint(dirpath=str(resume_checkpoint_path(run_dir).parent), save_top_k=0, save_last=True,
+                               enable_version_counter=False, **timing)
+    callback.CHECKPOINT_NAME_LAST = RESUME_CHECKPOINT
+    return [callback]
+
+
+def checkpoint_to_resume(settings, run_dir: Path) -> Optional[str]:
+    """The checkpoint an interrupted job continues from (only with `sweep.resume=true`, not with `force`)."""
+    path = resume_checkpoint_path(run_dir)
+    if not path.exists():
+        return None
+    if settings.sweep.resume and not settings.sweep.force:
+        log.info("resuming from %s", path)
+        return str(path)
+    path.unlink()  # a stale checkpoint of an earlier attempt must not be mistaken for this run's
+    return None
+
+
+def discard_resume_checkpoint(run_dir: Path) -> None:
+    resume_checkpoint_path(run_dir).unlink(missing_ok=True)
+
+
+# --- the multirun callback -------------------------------------------------------------------------------------
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover  (hydra-core < 1.1)
+    Callback = object  # type: ignore[misc,assignment]
+
+
+def _direction(sweeper_cfg: Any, metric: str) -> str:
+    direction = OmegaConf.select(sweeper_cfg, "direction", default=None) if sweeper_cfg is not None else None
+    if isinstance(direction, (list, tuple)) or OmegaConf.is_list(direction):
+        direction = direction[0] if len(direction) else None
+    if direction is not None:
+        return str(getattr(direction, "name", direction)).lower()
+    from llmk_lab.report import infer_direction
+
+    return infer_direction(metric)
+
+
+class SweepReport(Callback):
+    """Registered under `hydra.callbacks`: writes `sweep.json` when a multirun starts and the report when it ends."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        hydra_cfg = config.hydra
+        sweep_dir = Path(hydra_cfg.sweep.dir)
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        params = OmegaConf.to_container(hydra_cfg.sweeper.params, resolve=False) \
+            if OmegaConf.select(hydra_cfg, "sweeper.params") else {}
+        metric = str(config.get("optimized_metric", "test/acc"))
+        info = {
+            "group": sweep_group(sweep_dir),
+            "swept_keys": swept_keys(hydra_cfg.overrides.task, params),
+            "optimized_metric": metric,
+            "direction": _direction(hydra_cfg.sweeper, metric),
+            "sweeper": str(OmegaConf.select(hydra_cfg, "sweeper._target_", default="")),
+            "launcher": str(OmegaConf.select(hydra_cfg, "launcher._target_", default="")),
+            "overrides": list(hydra_cfg.overrides.task),
+        }
+        (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2) + "\n")
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from llmk_lab.report import write_report
+
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            result = write_report(sweep_dir)
+        except Exception:  # noqa: BLE001  (the jobs' results are on disk; a broken report must not hide them)
+            log.exception("the sweep report could not be written; rerun `python -m llmk_lab.report %s`", sweep_dir)
+            return
+        log.info("sweep report: %s (%d configurations, %d failed jobs)", result.markdown, len(result.rows),
+                 len(result.failures))

@@ -1,0 +1,257 @@
+"""Sweeps: report tables and Pareto fronts, job naming and fingerprints, resume, and whole sweeps through the CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import TINY, compose_config, read_metrics, run_cli, run_config
+from llmk_lab.report import aggregate, collect_jobs, infer_direction, pareto_front, write_report
+from llmk_lab.sweep import (config_fingerprint, job_name, resume_checkpoint_path, sweep_group, swept_keys)
+
+
+# --- synthetic sweep directories (quick) ------------------------------------------------------------------------
+
+def fake_job(sweep_dir: Path, num: int, overrides: list[str], metrics: dict | None = None,
+             error: str | None = None) -> Path:
+    run_dir = sweep_dir / str(num)
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(OmegaConf.create(overrides), run_dir / ".hydra" / "overrides.yaml")
+    OmegaConf.save(OmegaConf.create({"optimized_metric": "val/acc", "logger": {"kind": "csv"}}),
+                   run_dir / ".hydra" / "config.yaml")
+    if metrics is not None:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    if error is not None:
+        (run_dir / "failed.json").write_text(json.dumps({"error": error, "type": "UserError"}))
+    return run_dir
+
+
+def grid_metrics(sparsity: float, r: int, seed: int) -> dict:
+    # accuracy falls with sparsity, rises with rank; seeds add a known spread
+    return {"val/acc": round(0.9 - 0.2 * sparsity + 0.01 * r + 0.01 * seed, 6), "test/acc": 0.5,
+            "params/trainable": 1000 * r, "params/nonzero": int(10_000 * (1 - sparsity)),
+            "sparsity/pruned_layers": sparsity, "latency/bs1/compressed_ms": 10 * (1 - sparsity) + r / 8,
+            "train/seconds": 3.0 + seed, "data/tokenization_cache_hit": True, "run_dir": "x"}
+
+
+@pytest.fixture
+def synthetic_sweep(tmp_path: Path) -> Path:
+    sweep_dir = tmp_path / "2025-01-02" / "03-04-05"
+    num = 0
+    for sparsity in (0.3, 0.6):
+        for r in (4, 8):
+            for seed in (0, 1, 2):
+                fake_job(sweep_dir, num, ["model=tiny_bert", f"compression.sparsity={sparsity}", f"peft.r={r}",
+                                          f"seed={seed}"], grid_metrics(sparsity, r, seed))
+                num += 1
+    fake_job(sweep_dir, num, ["model=tiny_bert", "compression.sparsity=1.5", "peft.r=4", "seed=0"],
+             error="compression.sparsity=1.5 is not allowed: a number in [0, 1)")
+    (sweep_dir / str(num + 1)).mkdir()  # a job that was still running when the sweep stopped
+    (sweep_dir / str(num + 1) / "manifest.json").write_text(json.dumps(
+        {"overrides": ["model=tiny_bert", "compression.sparsity=0.9", "peft.r=4", "seed=0"]}))
+    return sweep_dir
+
+
+def test_report_aggregates_seeds_lists_failures_and_plots(synthetic_sweep: Path):
+    result = write_report(synthetic_sweep)
+    assert result.optimized_metric == "val/acc" and result.direction == "maximize"
+    # 4 configurations of 3 seeds; the failing one and the unfinished one are not rows
+    assert [(r["compression.sparsity"], r["peft.r"], r["n"]) for r in result.rows] == \
+        [("0.3", "4", 3), ("0.3", "8", 3), ("0.6", "4", 3), ("0.6", "8", 3)]
+    row = result.rows[0]
+    assert row["val/acc"] == pytest.approx(0.9 - 0.06 + 0.04 + 0.01)  # seeds 0, 1, 2 -> +0.00, +0.01, +0.02
+    assert row["val/acc_std"] == pytest.approx(0.01)
+    assert "train/seconds" not in result.metrics and "data/tokenization_cache_hit" not in result.metrics
+    assert result.best["compression.sparsity"] == "0.3" and result.best["peft.r"] == "8"
+    assert [j.name for j in result.failures] == ["12"] and [j.name for j in result.unfinished] == ["13"]
+
+    markdown = result.markdown.read_text()
+    assert "0.8900 ± 0.01" in markdown or "0.89 ± 0.01" in markdown
+    assert "compression.sparsity=1.5 is not allowed" in markdown and "## Failed jobs" in markdown
+    assert "Fixed overrides: `model=tiny_bert`" in markdown
+    with result.csv.open() as handle:
+        table = list(csv.DictReader(handle))
+    assert len(table) == 4 and {"compression.sparsity", "peft.r", "n", "val/acc", "val/acc_std"} <= set(table[0])
+    names = sorted(p.name for p in result.plots)
+    assert names == ["val_acc_vs_latency.png", "val_acc_vs_nonzero_parameters.png", "val_acc_vs_sparsity.png",
+                     "val_acc_vs_trainable_parameters.png"]
+    assert all(p.stat().st_size > 10_000 and p.read_bytes()[:4] == b"\x89PNG" for p in result.plots)
+
+
+def test_report_cli_writes_files(synthetic_sweep: Path, capsys):
+    from llmk_lab.report import main
+
+    assert main([str(synthetic_sweep), "--metric", "test/acc", "--no-wandb"]) == 0
+    assert "Optimised metric: `test/acc` (maximize)" in (synthetic_sweep / "report.md").read_text()
+    assert main([str(synthetic_sweep / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_pareto_front_respects_directions():
+    points = [(0.3, 0.90), (0.5, 0.88), (0.7, 0.80), (0.5, 0.85), (0.3, 0.80)]
+    # more sparsity is better, higher accuracy is better: (0.5, 0.85) and (0.3, 0.80) are dominated
+    assert pareto_front(points, higher_x=True, higher_y=True) == [0, 1, 2]
+    # fewer trainable parameters better: (100, .8) dominates (200, .8); (300, .9) is the most accurate
+    assert pareto_front([(100, 0.8), (200, 0.8), (300, 0.9)], higher_x=False, higher_y=True) == [0, 2]
+    assert pareto_front([(1, 2.0), (2, 1.0)], higher_x=False, higher_y=False) == [0, 1]
+    assert infer_direction("val/loss") == "minimize" and infer_direction("lm/ppl") == "minimize"
+    assert infer_direction("test/acc") == "maximize"
+
+
+def test_seeds_of_one_configuration_group_together(tmp_path: Path):
+    fake_job(tmp_path, 0, ["peft.r=4", "seed=0"], {"val/acc": 0.5})
+    fake_job(tmp_path, 1, ["peft.r=4", "seed=1"], {"val/acc": 0.7})
+    fake_job(tmp_path, 2, ["peft.r=4", "seed=2", "sweep.resume=true"], {"val/acc": float("nan")})
+    rows = aggregate(collect_jobs(tmp_path), ["peft.r"], ["val/acc"])
+    assert len(rows) == 1 and rows[0]["n"] == 3 and rows[0]["val/acc"] == pytest.approx(0.6)  # NaN left out
+
+
+def test_job_names_groups_and_swept_keys(tmp_path: Path):
+    assert sweep_group("outputs/multirun/2025-01-02/03-04-05") == "2025-01-02_03-04-05"
+    assert sweep_group("/tmp/my_sweep") == "my_sweep"
+    keys = swept_keys(["model=tiny_bert", "compression.sparsity=0.3,0.5", "+peft.r=choice(4,8)",
+                       "sweep.resume=true", "hydra.sweep.dir=x"], {"train.lr": "tag(log, interval(1e-4, 1e-2))"})
+    assert keys == ["compression.sparsity", "peft.r", "train.lr"]
+    (tmp_path / "sweep.json").write_text(json.dumps({"swept_keys": ["compression.sparsity", "peft.r"]}))
+    assert job_name(["model=tiny_bert", "compression.sparsity=0.3", "peft.r=4"], tmp_path) == \
+        "compression.sparsity=0.3,peft.r=4"
+    assert job_name(["model=tiny_bert", "sweep.resume=true"], None) == "model=tiny_bert"
+
+
+def test_fingerprint_ignores_run_controls_only():
+    base = config_fingerprint(compose_config(TINY))
+    assert base == config_fingerprint(compose_config(TINY + ["sweep.resume=true", "sweep.force=true"]))
+    assert base != config_fingerprint(compose_config(TINY + ["peft.r=4"]))
+    assert base != config_fingerprint(compose_config(TINY + ["seed=1"]))
+
+
+# One torch thread: on a shared 2-core machine this is several times faster than contending for both.
+NO_MEASUREMENTS = ["measure.latency_batch_sizes=[]", "measure.size=false", "measure.fidelity=false",
+                   "hardware.threads=1"]
+
+
+def test_interrupted_job_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch):
+    """A crash at step 3 leaves the step-2 checkpoint; `sweep.resume=true` trains only the remaining steps."""
+    from llmk_lab.module import TaskModule
+
+    overrides = TINY + ["sweep.checkpoint_every_n_steps=2", *NO_MEASUREMENTS, "export.adapter=false"]
+    original = TaskModule.training_step
+
+    def crash_at_step_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(TaskModule, "training_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_config(overrides, tmp_path)
+    assert resume_checkpoint_path(tmp_path).exists()
+    monkeypatch.setattr(TaskModule, "training_step", original)
+    metrics = run_config(overrides + ["sweep.resume=true"], tmp_path)
+    # 64 examples / batch 16 = 4 steps in all; only the 2 after the checkpoint ran again
+    assert metrics["train/steps"] == 4 and metrics["train/examples"] == 32
+    assert not resume_checkpoint_path(tmp_path).exists()  # completed: the resume checkpoint is gone
+
+
+# --- whole sweeps through the CLI (slow) --------------------------------------------------------------------------
+
+def wandb_runs(root: Path) -> list:
+    """Run records (group, name, job type, config) of W&B's offline files under `root`."""
+    from wandb.proto import wandb_internal_pb2
+
+    found = []
+    for path in sorted(root.glob("**/wandb/offline-run-*/run-*.wandb")):
+        data, pos, chunk = path.read_bytes(), 7, b""  # leveldb-style log: 7-byte file header, 32 KiB blocks
+        while pos + 7 <= len(data):
+            room = 32768 - pos % 32768
+            if room < 7:
+                pos += room
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            chunk = data[pos + 7:pos + 7 + length] if kind in (1, 2) else chunk + data[pos + 7:pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(chunk)
+                if record.WhichOneof("record_type") == "run":
+                    found.append(record.run)
+    return found
+
+
+SWEEP_TINY = [*TINY, "data.limit_eval=16", "hardware.threads=1", "measure.fidelity=false",
+              "measure.latency_batch_sizes=[1]", "measure.latency_repeats=2"]
+TIMINGS = ("latency/", "throughput/")  # measured again when a job reruns: not reproducible figures
+
+
+def without_timings(report_csv: Path) -> list[dict]:
+    with report_csv.open() as handle:
+        return [{k: v for k, v in row.items() if not k.startswith(TIMINGS)} for row in csv.DictReader(handle)]
+
+
+@pytest.mark.slow
+def test_grid_sweep_groups_reports_and_resumes(tmp_path: Path):
+    sweep_dir = tmp_path / "grid"
+    args = ["-m", *SWEEP_TINY, "logger=wandb", "compression.sparsity=0.3,0.6", "peft.r=2,4",
+            f"hydra.sweep.dir={sweep_dir}"]
+    done = run_cli(args, tmp_path, env={"WANDB_MODE": "offline"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    jobs = sorted(p for p in sweep_dir.iterdir() if p.name.isdigit())
+    assert len(jobs) == 4 and all((j / "metrics.json").exists() for j in jobs)
+
+    runs = wandb_runs(sweep_dir)
+    train_runs = [r for r in runs if r.job_type == "train"]
+    assert len(train_runs) == 4 and {r.run_group for r in runs} == {"grid"}
+    assert sorted(r.display_name for r in train_runs) == [
+        "compression.sparsity=0.3,peft.r=2", "compression.sparsity=0.3,peft.r=4",
+        "compression.sparsity=0.6,peft.r=2", "compression.sparsity=0.6,peft.r=4"]
+    assert [r.job_type for r in runs].count("report") == 1  # the table and plots
+
+    with (sweep_dir / "report.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4 and len(list((sweep_dir / "plots").glob("*.png"))) >= 3
+    report = without_timings(sweep_dir / "report.csv")
+    assert any(k.startswith("latency/") for k in rows[0]) and (sweep_dir / "plots" / "test_acc_vs_latency.png").exists()
+
+    # An interrupted sweep: job 2 never finished. Resuming reruns only that job.
+    (jobs[2] / "metrics.json").unlink()
+    kept = {j.name: (j / "metrics.json").stat().st_mtime_ns for j in jobs if j.name != "2"}
+    resumed = run_cli([*args, "sweep.resume=true"], tmp_path, env={"WANDB_MODE": "offline"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stderr.count("it completed with the same config") + \
+        resumed.stdout.count("it completed with the same config") == 3
+    assert {j.name: (j / "metrics.json").stat().st_mtime_ns for j in jobs if j.name != "2"} == kept
+    assert len({read_metrics(j)["config_hash"] for j in jobs}) == 4  # one fingerprint per configuration
+    assert without_timings(sweep_dir / "report.csv") == report  # same as the uninterrupted sweep
+
+
+@pytest.mark.slow
+def test_failing_job_is_isolated_under_the_submitit_launcher(tmp_path: Path):
+    """One job per process through submitit's local executor (the SLURM launcher's code path)."""
+    sweep_dir = tmp_path / "sweep"
+    done = run_cli(["-m", "+launcher=submitit_local", *SWEEP_TINY, "compression.sparsity=0.3,0.5,0.7,1.5",
+                    f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = write_report(sweep_dir)  # the callback wrote it already; reading it back checks the same files
+    assert len(result.rows) == 3 and [j.name for j in result.failures] == ["3"]
+    assert "compression.sparsity=1.5 is not allowed" in (sweep_dir / "report.md").read_text()
+    assert json.loads((sweep_dir / "3" / "failed.json").read_text())["type"] == "UserError"
+
+
+@pytest.mark.slow
+def test_optuna_preset_reports_the_best_configuration(tmp_path: Path):
+    sweep_dir = tmp_path / "optuna"
+    done = run_cli(["-m", "+hparams_search=optuna_tpe", *SWEEP_TINY, "hydra.sweeper.n_trials=3",
+                    "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweep.dir={sweep_dir}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    best = OmegaConf.load(sweep_dir / "optimization_results.yaml")
+    assert set(best.best_params) == {"train.lr", "peft.r", "compression.sparsity"}
+    report = (sweep_dir / "report.md").read_text()
+    assert "Optimised metric: `val/acc` (maximize)" in report and "**Best configuration**" in report
+    assert "Optuna's best trial" in report
+    values = [read_metrics(sweep_dir / str(i))["val/acc"] for i in range(3)]
+    assert best.best_value == pytest.approx(max(values))
