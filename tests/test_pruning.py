@@ -235,6 +235,7 @@ def test_n_m_on_a_dimension_not_divisible_by_m_is_refused_before_pruning(method)
     assert torch.equal(model.model.layers[0].self_attn.q_proj.weight, before)
 
 
+@pytest.mark.slow  # a fresh interpreter and a full CLI start-up
 def test_cli_bad_n_m_is_one_line_exit_2_and_no_result(tmp_path):
     result = run_cli(["model=tiny_bert", "logger=csv", "data.limit_train=16", "data.limit_eval=16",
                       "model.from_config.hidden_size=36", "model.from_config.num_attention_heads=4",
@@ -244,3 +245,19 @@ def test_cli_bad_n_m_is_one_line_exit_2_and_no_result(tmp_path):
     lines = [line for line in result.stderr.strip().splitlines() if "not divisible by 8" in line]
     assert len(lines) == 1 and "compression.prune_m=8" in lines[0]
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_calibration_finds_the_blocks_of_a_peft_wrapped_model():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny_bert(), LoraConfig(r=2, target_modules=["query", "value"]))
+    outside = COMPRESSION.build({"method": "wanda", "target_modules": ["dense"]}, "compression")
+    with pytest.raises(UserError, match=r"1 of the 7 targeted layers lie outside the transformer blocks "
+                                        r"\(e.g. base_model.model.bert.pooler.dense\)"):
+        outside.prune_with_batches(model, outside.layers(model), calibration_batches())
+    method = COMPRESSION.build({"method": "wanda", "target_modules": r".*\.layer\.\d+\.(intermediate|output)\.dense"},
+                               "compression")
+    layers = method.layers(model)
+    assert any(name.startswith("base_model.model.bert.encoder.layer.1.") for name in layers)
+    method.prune_with_batches(model, layers, calibration_batches())
+    assert method.report["achieved_sparsity"] == pytest.approx(0.5)

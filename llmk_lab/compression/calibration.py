@@ -20,7 +20,7 @@ called with the same ones.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -64,7 +64,7 @@ class CalibrationResult:
     blocks: int
     sequences: int
     tokens: int  # non-padding tokens per linear layer input
-    block_paths: list[str] = field(default_factory=list)
+    blocks_path: str  # where the blocks sit, e.g. "model.layers"
 
 
 class _StopForward(Exception):
@@ -87,10 +87,11 @@ def find_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[str, li
             best = (covered, name, module)
     covered, name, blocks = best
     if blocks is None or covered != len(layers):
-        outside = len(layers) - covered
-        raise UserError(f"compression.target_modules: {outside} of the {len(layers)} targeted layers lie outside "
-                        "the transformer blocks; calibrated pruning goes block by block, so target only "
-                        "linear layers inside the blocks (the default)")
+        prefixes = tuple(f"{name}.{i}." for i in range(len(blocks or [])))
+        outside = [layer for layer in layers if not layer.startswith(prefixes)] if blocks is not None else list(layers)
+        raise UserError(f"compression.target_modules: {len(outside)} of the {len(layers)} targeted layers lie outside "
+                        f"the transformer blocks (e.g. {outside[0]}); calibrated pruning goes block by block, so "
+                        "target only linear layers inside the blocks (the default)")
     return name, list(blocks)
 
 
@@ -212,4 +213,4 @@ def prune_block_sequentially(
     finally:
         model.train(was_training)
     return CalibrationResult(blocks=len(blocks), sequences=sum(len(t) for _, _, t in records), tokens=total_tokens,
-                             block_paths=[blocks_path])
+                             blocks_path=blocks_path)

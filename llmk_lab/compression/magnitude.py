@@ -56,4 +56,4 @@ class MagnitudePruning(OneShotPruning):
                 n = layer.weight.numel()
                 set_mask(layer, keep[offset: offset + n].view_as(layer.weight))
                 offset += n
-        self.record(model, layers, scope=s.scope)
+        self.record(model, layers, per_layer_target=s.scope == "layer", scope=s.scope)

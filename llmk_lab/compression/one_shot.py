@@ -128,12 +128,13 @@ class OneShotPruning(CompressionMethod):
     def prune(self, model: nn.Module, layers: dict[str, nn.Module], ctx=None) -> None:
         raise NotImplementedError
 
-    def record(self, model: nn.Module, layers: dict[str, nn.Module], **extra) -> None:
+    def record(self, model: nn.Module, layers: dict[str, nn.Module], per_layer_target: bool = True, **extra) -> None:
+        """Requested vs achieved sparsity, overall and per layer (a global threshold sets no per-layer target)."""
         achieved = sparsity_report(model, layers)
         requested = self.settings.sparsity
         self.report = {"requested_sparsity": requested, "achieved_sparsity": achieved["overall"],
                        "pattern": self.settings.pattern, "pruned_layers": len(layers),
-                       "per_layer": {name: {"requested": requested, "achieved": value}
+                       "per_layer": {name: {"requested": requested if per_layer_target else None, "achieved": value}
                                      for name, value in achieved["per_layer"].items()}, **extra}
 
 
