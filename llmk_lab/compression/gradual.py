@@ -123,8 +123,9 @@ class ScheduledPruning(pl.Callback):
 
 def trainable_targets(ctx, settings, key: str) -> dict[str, nn.Linear]:
     """Targeted linears of the model as adapted; they must train, or the schedule has nothing to prune."""
-    layers = target_linears(ctx.model, settings.target_modules, f"{key}.target_modules")
-    frozen = [name for name, layer in layers.items() if not layer.weight.requires_grad]
+    wrapped = [name for name, module in ctx.model.named_modules() if hasattr(module, "base_layer")]
+    layers = {} if wrapped else target_linears(ctx.model, settings.target_modules, f"{key}.target_modules")
+    frozen = wrapped or [name for name, layer in layers.items() if not layer.weight.requires_grad]
     if frozen:
         raise UserError(f"{key}.method={settings.method!r} prunes weights while they train, but {len(frozen)} "
                         "targeted layers are frozen by the PEFT strategy; use peft=full")

@@ -109,8 +109,17 @@ class PostTrainingQuantization(CompressionMethod):
         merge_adapter_in_place(model)
         layers = quantizable_linears(model, self.settings.target_modules, "compression.target_modules")
         names = list(layers)
+        # Zeros stay zeros (weights are quantised symmetrically), so pruning survives; recorded because the
+        # pruning masks live on the float layers that quantisation replaces.
+        zeros = sum(int((layer.weight == 0).sum()) for layer in layers.values())
+        total = sum(layer.weight.numel() for layer in layers.values())
         self.quantize(model, names)
-        self.report = {"quantized_layers": len(names), "layers": names, **self.describe()}
+        self.report = {"quantized_layers": len(names), "layers": names, **self.describe(),
+                       "zero_fraction_before": zeros / total}
+        int8 = [m.weight() for m in model.modules() if type(m).__name__ == "Linear" and "quantized" in type(m).__module__]
+        if int8:
+            self.report["zero_fraction_int8"] = sum(int((w.int_repr() == 0).sum()) for w in int8) / \
+                sum(w.numel() for w in int8)
 
     def describe(self) -> dict[str, Any]:
         return {}
