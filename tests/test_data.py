@@ -79,6 +79,16 @@ def test_tsv_is_read_with_tabs(tmp_path):
     assert raw.labels == ["food", "music", "sports"] and raw.sizes() == {"train": 18, "validation": 6, "test": 6}
 
 
+def test_parquet_is_read(tmp_path):
+    import pandas as pd
+
+    pd.DataFrame(topic_rows(30)).to_parquet(tmp_path / "topics.parquet")
+    raw = load_data(data_cfg(["data=local_parquet", f"data.path={tmp_path / 'topics.parquet'}", "data.text_column=body",
+                              "data.label_column=topic", "data.val_size=6", "data.test_size=6"]))
+    assert raw.labels == ["food", "music", "sports"] and raw.sizes() == {"train": 18, "validation": 6, "test": 6}
+    assert all(isinstance(e["label"], int) and isinstance(e["text"], str) for e in raw.splits["train"])
+
+
 def test_jsonl_directory_of_splits_end_to_end(tmp_path):
     folder = tmp_path / "data"
     folder.mkdir()

@@ -72,7 +72,7 @@ def complete_splits(loaded: dict[str, list], cfg) -> tuple[dict[str, list], dict
         split["train"] += split["validation"]
     if "test" in loaded:
         split["train"] += split["test"]
-    result = {s: loaded.get(s, split[s]) for s in SPLITS}
+    result = {s: split[s] if s == "train" else loaded.get(s, split[s]) for s in SPLITS}
     return result, {"split": "seeded", "split_seed": cfg.split_seed, "val_size": cfg.val_size,
                     "test_size": cfg.test_size}
 
@@ -146,18 +146,20 @@ def finish(splits: dict[str, list], cfg, task: str, source: dict) -> RawData:
     return RawData(splits=splits, task=task, labels=labels, source=source)
 
 
-def _load_table(path: Path, cfg):
+def _load_table(path: Path, cfg, split: str):
     import datasets
 
     builder = TABLE_FORMATS[path.suffix.lower()]
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     if path.stat().st_size == 0:
-        raise UserError(f"data.path={str(path)!r}: the file is empty")
+        raise UserError(f"data.path={str(path)!r}: the file is empty, so the {split} split is empty")
     datasets.disable_progress_bars()
     try:
         return datasets.load_dataset(builder, data_files={"rows": str(path)}, split="rows", **kwargs)
     except Exception as err:  # noqa: BLE001  (any parser error is the file's fault)
         cause = err.__cause__ or err
+        if "corresponds to no data" in str(err):
+            raise UserError(f"data.path={str(path)!r}: the file has no rows, so the {split} split is empty") from None
         raise UserError(f"data.path={str(path)!r}: cannot read it as {builder} "
                         f"({str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__})") from None
 
@@ -166,7 +168,7 @@ def _load_table(path: Path, cfg):
 def load_local_table(cfg) -> RawData:
     task = cfg.task or "sequence_classification"
     files = split_files(cfg, tuple(TABLE_FORMATS))
-    loaded = {split: examples_from_dataset(_load_table(f, cfg), cfg, task, f"{f.name}") for split, f in files.items()}
+    loaded = {split: examples_from_dataset(_load_table(f, cfg, split), cfg, task, f"{f.name}") for split, f in files.items()}
     splits, how = complete_splits(loaded, cfg)
     return finish(splits, cfg, task, {"files": {s: str(f) for s, f in files.items()}, **how})
 
