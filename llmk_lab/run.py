@@ -32,7 +32,7 @@ from llmk_lab.module import TaskModule, ThroughputMonitor
 from llmk_lab.peft import PEFT, PeftStrategy
 from llmk_lab.registry import to_settings
 from llmk_lab.tasks import get_task
-from llmk_lab import sweep, tracking
+from llmk_lab import jobs, tracking
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         callbacks.append(MaskKeeper(ctx.model))
     for method in p.methods:
         callbacks.extend(method.callbacks(ctx))
-    callbacks.extend(sweep.checkpoint_callbacks(settings, run_dir))  # lets an interrupted job resume
+    callbacks.extend(jobs.job_callbacks(settings, run_dir))  # stop on a diverged loss; resumable checkpoints
     loggers = tracking.build_loggers(settings.logger, run_dir, run_name, group,
                                      OmegaConf.to_container(cfg, resolve=True))
     failed = True
@@ -209,7 +209,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         # Pretrained models load in eval mode; Lightning keeps each submodule's
         # mode, so switch to train mode explicitly (dropout on).
         ctx.module.train()
-        trainer.fit(ctx.module, datamodule=datamodule, ckpt_path=sweep.checkpoint_to_resume(settings, run_dir))
+        trainer.fit(ctx.module, datamodule=datamodule, ckpt_path=jobs.checkpoint_to_resume(settings, run_dir))
         train_figures = {"train/examples_per_s": throughput.examples_per_second,
                          "train/peak_memory_mb": peak_memory_mb(), "train/examples": throughput.examples,
                          "train/steps": trainer.global_step, "train/seconds": throughput.seconds}
@@ -240,7 +240,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
             **ctx.reports,
         })
         write_json(run_dir / "metrics.json", metrics)
-        sweep.discard_resume_checkpoint(run_dir)
+        jobs.discard_resume_checkpoint(run_dir)
         tracking.log_summary(loggers, metrics)
         failed = False
     finally:

@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
-RESUME_CHECKPOINT = "resume"  # checkpoints/resume.ckpt, removed once the job completes
 # Keys that say how to run a job, not what it computes: they neither name a
 # configuration nor change its fingerprint.
 CONTROL_KEYS = ("sweep", "run_dir")
@@ -95,45 +94,6 @@ def mark_completed(run_dir: Path, fingerprint: str) -> None:
     metrics = json.loads(path.read_text())
     metrics["config_hash"] = fingerprint
     write_json(path, metrics)
-
-
-# --- interrupted jobs: a periodic checkpoint to continue from -------------------------------------------------
-
-def resume_checkpoint_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints" / f"{RESUME_CHECKPOINT}.ckpt"
-
-
-def checkpoint_callbacks(settings, run_dir: Path) -> list:
-    """A ModelCheckpoint that keeps one `resume.ckpt`, overwritten every N steps or minutes."""
-    from datetime import timedelta
-
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
-    every = settings.sweep
-    if settings.train.fast_dev_run or not (every.checkpoint_every_n_steps or every.checkpoint_every_minutes):
-        return []
-    timing = ({"every_n_train_steps": every.checkpoint_every_n_steps} if every.checkpoint_every_n_steps else
-              {"train_time_interval": timedelta(minutes=every.checkpoint_every_minutes)})
-    callback = ModelCheckpoint(dirpath=str(resume_checkpoint_path(run_dir).parent), save_top_k=0, save_last=True,
-                               enable_version_counter=False, **timing)
-    callback.CHECKPOINT_NAME_LAST = RESUME_CHECKPOINT
-    return [callback]
-
-
-def checkpoint_to_resume(settings, run_dir: Path) -> Optional[str]:
-    """The checkpoint an interrupted job continues from (only with `sweep.resume=true`, not with `force`)."""
-    path = resume_checkpoint_path(run_dir)
-    if not path.exists():
-        return None
-    if settings.sweep.resume and not settings.sweep.force:
-        log.info("resuming from %s", path)
-        return str(path)
-    path.unlink()  # a stale checkpoint of an earlier attempt must not be mistaken for this run's
-    return None
-
-
-def discard_resume_checkpoint(run_dir: Path) -> None:
-    resume_checkpoint_path(run_dir).unlink(missing_ok=True)
 
 
 # --- the multirun callback -------------------------------------------------------------------------------------

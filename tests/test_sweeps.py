@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from conftest import TINY, compose_config, read_metrics, run_cli, run_config
 from llmk_lab.report import aggregate, collect_jobs, infer_direction, pareto_front, write_report
-from llmk_lab.sweep import (config_fingerprint, job_name, resume_checkpoint_path, sweep_group, swept_keys)
+from llmk_lab.jobs import resume_checkpoint_path
+from llmk_lab.sweep import config_fingerprint, job_name, sweep_group, swept_keys
 
 
 # --- synthetic sweep directories (quick) ------------------------------------------------------------------------
@@ -230,16 +231,29 @@ def test_grid_sweep_groups_reports_and_resumes(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_failing_job_is_isolated_under_the_submitit_launcher(tmp_path: Path):
-    """One job per process through submitit's local executor (the SLURM launcher's code path)."""
+def test_failing_job_is_isolated_and_listed(tmp_path: Path):
     sweep_dir = tmp_path / "sweep"
-    done = run_cli(["-m", "+launcher=submitit_local", *SWEEP_TINY, "compression.sparsity=0.3,0.5,0.7,1.5",
+    done = run_cli(["-m", *SWEEP_TINY, "compression.sparsity=0.3,0.5,0.7,1.5", f"hydra.sweep.dir={sweep_dir}"],
+                   tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    with (sweep_dir / "report.csv").open() as handle:  # written by the end-of-multirun callback
+        assert [row["compression.sparsity"] for row in csv.DictReader(handle)] == ["0.3", "0.5", "0.7"]
+    report = (sweep_dir / "report.md").read_text()
+    assert "## Failed jobs" in report and "| 3 | compression.sparsity=1.5 |" in report
+    assert "compression.sparsity=1.5 is not allowed: a number in [0, 1)" in report
+    assert not (sweep_dir / "3" / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_submitit_launcher_runs_jobs_in_their_own_processes(tmp_path: Path):
+    """submitit's local executor takes the SLURM launcher's code path: pickled jobs, one process each."""
+    sweep_dir = tmp_path / "sweep"
+    done = run_cli(["-m", "+launcher=submitit_local", *SWEEP_TINY, "compression.sparsity=0.5,1.5",
                     f"hydra.sweep.dir={sweep_dir}"], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    result = write_report(sweep_dir)  # the callback wrote it already; reading it back checks the same files
-    assert len(result.rows) == 3 and [j.name for j in result.failures] == ["3"]
-    assert "compression.sparsity=1.5 is not allowed" in (sweep_dir / "report.md").read_text()
-    assert json.loads((sweep_dir / "3" / "failed.json").read_text())["type"] == "UserError"
+    assert len(list((sweep_dir / ".submitit").glob("*/*_log.out"))) == 2
+    result = write_report(sweep_dir, wandb=False)
+    assert [r["compression.sparsity"] for r in result.rows] == ["0.5"] and [j.name for j in result.failures] == ["1"]
 
 
 @pytest.mark.slow
@@ -255,3 +269,9 @@ def test_optuna_preset_reports_the_best_configuration(tmp_path: Path):
     assert "Optuna's best trial" in report
     values = [read_metrics(sweep_dir / str(i))["val/acc"] for i in range(3)]
     assert best.best_value == pytest.approx(max(values))
+
+
+def test_diverged_loss_fails_the_job(tmp_path: Path):
+    with pytest.raises(FloatingPointError, match="train/loss is (nan|inf)"):
+        run_config(TINY + [*NO_MEASUREMENTS, "train.lr=1e30", "train.grad_clip=null"], tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
