@@ -261,3 +261,14 @@ def test_calibration_finds_the_blocks_of_a_peft_wrapped_model():
     assert any(name.startswith("base_model.model.bert.encoder.layer.1.") for name in layers)
     method.prune_with_batches(model, layers, calibration_batches())
     assert method.report["achieved_sparsity"] == pytest.approx(0.5)
+
+
+@pytest.mark.slow  # tokenises the whole Shakespeare asset once (cached afterwards)
+def test_causal_lm_run_calibrates_on_random_training_windows(tmp_path):
+    metrics = run_config(["+experiment=smollm2_perplexity", "model=tiny_llama", "logger=csv", "data.max_length=64",
+                          "data.limit_eval=2", "compression=sparsegpt", "compression.prune_n=2",
+                          "compression.prune_m=4", "compression.n_calibration=8"], tmp_path / "run")
+    report = metrics["compression"][0]
+    assert report["calibration_sequences"] == 8 and report["calibration_tokens"] == 8 * 64
+    assert report["achieved_sparsity"] == pytest.approx(0.5)
+    assert metrics["test/perplexity"] > 1
