@@ -86,6 +86,9 @@ def load_data(cfg) -> RawData:
     if check_examples is not None:
         check_examples(raw, cfg)
     raw.source.update(sizes=raw.sizes(), task=raw.task)
+    protocol = getattr(task_cls, "protocol", None)
+    if protocol:  # how the task's headline number is computed, next to the data it was computed on
+        raw.source["protocol"] = protocol.format(seqlen=cfg.max_length)
     return raw
 
 
