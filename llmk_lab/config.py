@@ -73,7 +73,7 @@ SCHEDULERS = ("linear", "cosine", "constant")
 @dataclass
 class TrainConfig:
     max_epochs: int = 1
-    # Stop after this many optimiser steps (-1: run `max_epochs`).
+    # Stop after this many optimiser steps (-1: run `max_epochs`; 0: no training, only evaluate).
     max_steps: int = -1
     batch_size: int = 16
     eval_batch_size: int = 64
