@@ -101,7 +101,6 @@ def test_merged_export_loads_with_from_pretrained_and_predicts_the_same(tmp_path
     metrics = run_config(tiny + QUICK + [f"peft={method}", "export.merged=true", *extra], tmp_path)
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged")
     assert type(merged).__module__.startswith("transformers.")
-    from tests.conftest import compose_config as _  # noqa: F401  (conftest registers the config store)
     batch = _batch(tmp_path)
     assert torch.allclose(_logits(seen["model"], batch), _logits(merged, batch), atol=1e-5)
     assert metrics["export/merged_max_logit_diff"] < 1e-4
@@ -148,16 +147,21 @@ def test_adalora_reallocates_rank_every_step_and_logs_the_budget(tmp_path, tiny)
     assert budgets[0] == 72 and budgets[-1] == 24 and budgets == sorted(budgets, reverse=True)
 
 
+def test_adalora_defaults_survive_a_fast_dev_run(tmp_path, tiny):
+    # One step cannot hold the default schedule (tinit=10, tfinal=10); a smoke run must still pass.
+    metrics = run_config(tiny + QUICK + ["peft=adalora", "train.fast_dev_run=true"], tmp_path)
+    assert metrics["train/steps"] == 1
+
+
 def test_adapter_export_round_trips(tmp_path, tiny, monkeypatch):
+    from llmk_lab.models import load_model, load_tokenizer
     from llmk_lab.peft.adapter import AdapterSettings, load_adapter
-    from llmk_lab.models import load_model
     from llmk_lab.tasks import get_task
 
     seen = watch_apply(monkeypatch, "adapter")
     run_config(tiny + QUICK + ["peft=adapter", "peft.bottleneck=4"], tmp_path)
     settings = compose_config(["model=tiny_bert"])
     task = get_task("sequence_classification", ["negative", "positive"])
-    from llmk_lab.models import load_tokenizer
     fresh, _ = load_model(settings.model, task, load_tokenizer(settings.model))
     # The exported tensors cover only what trained; the frozen ones come from the same base.
     fresh.load_state_dict({n: p for n, p in seen["model"].state_dict().items() if "bottleneck_adapter" not in n},

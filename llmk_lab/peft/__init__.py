@@ -70,13 +70,16 @@ def name_matcher(target_modules: Any):
 
 
 def resolve_targets(model: nn.Module, target_modules: Optional[Any], default: Optional[str] = None,
-                    key: str = "peft.target_modules", kinds: tuple[type, ...] = (nn.Linear,)) -> Any:
+                    key: str = "peft.target_modules", kinds: Optional[tuple[type, ...]] = None) -> Any:
     """The user's targets, or the architecture's default regex, after checking that they match a layer.
 
     peft would otherwise fail late with a long message, or (for some methods) silently adapt nothing.
     """
+    from transformers.pytorch_utils import Conv1D
+
     from llmk_lab.models import block_linear_pattern
 
+    kinds = kinds or (nn.Linear, nn.Embedding, Conv1D)  # the layer types peft's LoRA/IA3 adapt
     if target_modules is None:
         value: Any = default if default is not None else block_linear_pattern(model)
     else:

@@ -119,6 +119,8 @@ class RankAllocation(pl.Callback):
         return self.model.base_model
 
     def on_fit_start(self, trainer, pl_module):
+        if trainer.fast_dev_run:  # a smoke run of a step or two: keep peft's placeholder schedule
+            return
         total = int(trainer.estimated_stepping_batches)
         s = self.settings
         if s.tinit + s.tfinal >= total:

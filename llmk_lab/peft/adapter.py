@@ -90,7 +90,7 @@ def insert_adapters(model: nn.Module, settings: AdapterSettings) -> list[str]:
     if settings.target_modules is None and default is None:
         raise UserError(f"peft=adapter has no default placement for model type {model_type!r}; set "
                         f"peft.target_modules (known types: {sorted(ADAPTER_SITES)})")
-    targets = resolve_targets(model, settings.target_modules, default=default)
+    targets = resolve_targets(model, settings.target_modules, default=default, kinds=(nn.Linear,))
     match = name_matcher(targets)
     sites = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and match(name)]
     for _, linear in sites:
