@@ -126,6 +126,14 @@ def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict
     return written
 
 
+def _prediction_logits(outputs) -> torch.Tensor:
+    # Heads name their scores differently (BERT pretraining heads: prediction_logits).
+    for key in ("logits", "prediction_logits"):
+        if getattr(outputs, key, None) is not None:
+            return getattr(outputs, key).float()
+    raise TypeError(f"{type(outputs).__name__} has no logits to compare")
+
+
 @torch.no_grad()
 def merged_logit_gap(ctx: RunContext, merged_dir: Path, tolerance: float = 1e-3) -> float:
     """Largest |logit difference| between the trained model and its merged export reloaded with
@@ -136,9 +144,9 @@ def merged_logit_gap(ctx: RunContext, merged_dir: Path, tolerance: float = 1e-3)
     batch = {k: v.to(device) for k, v in batch.items()}
     was_training = ctx.model.training
     ctx.model.eval()
-    trained = ctx.model(**batch).logits.float()
+    trained = _prediction_logits(ctx.model(**batch))
     ctx.model.train(was_training)
-    exported = reloaded.to(device)(**batch).logits.float()
+    exported = _prediction_logits(reloaded.to(device)(**batch))
     gap = float((trained - exported).abs().max())
     if gap > tolerance * (1.0 + float(trained.abs().max())):
         log.warning("the merged export differs from the trained model: max |logit difference| %.3g", gap)
