@@ -45,9 +45,9 @@ COLUMNS = [("test/acc", "test acc", "{:.3f}"), ("val/acc", "val acc", "{:.3f}"),
            ("train/seconds", "train s", "{:.0f}")]
 
 
-def run_strategy(name: str) -> None:
+def run_strategy(name: str, extra: list[str]) -> None:
     run_dir = OUT / name
-    args = [sys.executable, "-m", "llmk_lab", f"peft={name}", *BUDGET, *STRATEGIES[name],
+    args = [sys.executable, "-m", "llmk_lab", f"peft={name}", *BUDGET, *STRATEGIES[name], *extra,
             f"hydra.run.dir={run_dir}"]
     print("$", " ".join(args[1:]), flush=True)
     started = time.time()
@@ -63,7 +63,8 @@ def table() -> str:
     for name, extra in STRATEGIES.items():
         path = OUT / name / "metrics.json"
         if not path.exists():
-            lines.append(f"| {name} | {extra[0].split('=')[1]} | " + " | ".join("failed" for _ in COLUMNS) + " |")
+            state = "failed" if (OUT / name / "failed.json").exists() else "not run"
+            lines.append(f"| {name} | {extra[0].split('=')[1]} | " + " | ".join(state for _ in COLUMNS) + " |")
             continue
         metrics = json.loads(path.read_text())
         cells = [fmt.format(metrics[key]) for key, _, fmt in COLUMNS]
@@ -75,10 +76,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="only print the table of finished runs")
     parser.add_argument("--only", nargs="*", default=list(STRATEGIES), choices=list(STRATEGIES))
+    parser.add_argument("overrides", nargs="*", help="extra llmk_lab overrides for every strategy, e.g. "
+                        "data.limit_train=2000 train.max_epochs=2 (later values win)")
     args = parser.parse_args()
     if not args.table:
         for name in args.only:
-            run_strategy(name)
+            run_strategy(name, args.overrides)
     text = table()
     (HERE / "results.md").write_text(text + "\n")
     print(text)
