@@ -153,8 +153,26 @@ def merged_logit_gap(ctx: RunContext, merged_dir: Path, tolerance: float = 1e-3)
     return gap
 
 
+def reference_measures(ctx: RunContext, model_info: dict, measure):
+    """Fidelity needs a reference that predicts something: a model as loaded whose task head was
+    newly initialised predicts noise, so agreement with it would say nothing about the compression."""
+    if ctx.reports.get("measure/reference") == "model as loaded" and model_info.get("newly_initialised"):
+        ctx.reports["measure/fidelity"] = ("skipped: the uncompressed reference's task head is untrained; "
+                                           "compare with a fine-tuned dense run (or use compression=distillation)")
+        return dataclasses.replace(measure, fidelity=False)
+    return measure
+
+
+# What the console table shows; metrics.json has every figure.
+SUMMARY_KEYS = ("acc", "macro_f1", "f1", "perplexity")
+SUMMARY_FIGURES = ("sparsity/requested", "sparsity/pruned_layers", "sparsity/after_merge", "params/trainable",
+                   "params/total", "params/trainable_fraction", "size/ratio", "latency/bs32/speedup",
+                   "fidelity/agreement", "train/examples_per_s", "train/peak_memory_mb", "wall_time_s")
+
+
 def summary_table(metrics: dict[str, Any]) -> str:
-    rows = [(k, metrics[k]) for k in metrics if isinstance(metrics[k], (int, float, str)) and "/" in k]
+    keys = [f"{stage}/{name}" for stage in ("val", "test") for name in SUMMARY_KEYS] + list(SUMMARY_FIGURES)
+    rows = [(k, metrics[k]) for k in keys if k in metrics]
     rows.append(("run_dir", metrics["run_dir"]))
     width = max(len(k) for k, _ in rows)
 
@@ -233,7 +251,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         metrics.update({f"params/{k}": v for k, v in params.items()})
         metrics.update(measure_sparsity(ctx, p.strategy, p.methods))
         if ctx.dense_model is not None:
-            metrics.update(compression_figures(ctx, p.strategy, settings.measure))
+            metrics.update(compression_figures(ctx, p.strategy, reference_measures(ctx, model_info, settings.measure)))
         metrics.update(train_figures)
 
         # 9. export and log
@@ -253,5 +271,5 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         failed = False
     finally:
         tracking.finish(loggers, failed=failed)
-    log.info("results\n%s", summary_table(metrics))
+    log.info("results (every figure: %s)\n%s", run_dir / "metrics.json", summary_table(metrics))
     return metrics

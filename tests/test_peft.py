@@ -22,15 +22,17 @@ LAYERS, D, FF, HEAD = 2, 32, 64, 32 * 2 + 2
 BLOCK_LINEARS = [(D, D)] * 4 + [(D, FF), (FF, D)]
 PER_LAYER = 4 * (D * D + D) + (D * FF + FF) + (FF * D + D) + 2 * 2 * D  # linears + 2 LayerNorms
 POOLER = D * D + D
+# LoRA-style updates also adapt BERT's pooler (d x d) by default.
+LOW_RANK_TARGETS = LAYERS * BLOCK_LINEARS + [(D, D)]
 
 QUICK = ["compression=none", "data.limit_train=32", "train.batch_size=8"]
 
 FORMULAS = {
     "none": ([], HEAD),
-    "lora": (["peft.r=4"], LAYERS * sum(4 * (i + o) for i, o in BLOCK_LINEARS) + HEAD),
+    "lora": (["peft.r=4"], sum(4 * (i + o) for i, o in LOW_RANK_TARGETS) + HEAD),
     # init_r (d_in + d_out + 1): P, Q and the singular values.
     "adalora": (["peft.init_r=6", "peft.target_r=2", "peft.tinit=0", "peft.tfinal=1", "peft.deltaT=1"],
-                LAYERS * sum(6 * (i + o + 1) for i, o in BLOCK_LINEARS) + HEAD),
+                sum(6 * (i + o + 1) for i, o in LOW_RANK_TARGETS) + HEAD),
     # keys and values scaled at their output (d each), FFN activations at the down-projection's input (FF).
     "ia3": ([], LAYERS * (D + D + FF) + HEAD),
     # one key and one value vector per virtual token and layer.
@@ -132,19 +134,20 @@ def test_pruned_weights_stay_zero_after_training_and_merge(tmp_path, tiny, metho
 
 
 def test_adalora_reallocates_rank_every_step_and_logs_the_budget(tmp_path, tiny):
-    # 64 examples / 8 = 8 optimiser steps; budget falls from 2 x 6 x 6 = 72 to 2 x 6 x 2 = 24.
+    # 64 examples / 8 = 8 optimiser steps; 13 adapted matrices (2 layers x 6, and the pooler):
+    # the budget falls from 13 x 6 = 78 to 13 x 2 = 26.
     metrics = run_config(tiny + ["compression=none", "train.batch_size=8", "peft=adalora", "peft.init_r=6",
                                  "peft.target_r=2", "peft.tinit=1", "peft.tfinal=2", "peft.deltaT=1"], tmp_path)
-    assert metrics["peft/rank_budget_initial"] == 72
-    assert metrics["peft/rank_budget_final"] == 24
-    assert metrics["peft/rank_in_use_final"] == 24
-    assert sum(metrics["peft_ranks_per_layer"].values()) == 24
+    assert metrics["peft/rank_budget_initial"] == 78
+    assert metrics["peft/rank_budget_final"] == 26
+    assert metrics["peft/rank_in_use_final"] == 26
+    assert sum(metrics["peft_ranks_per_layer"].values()) == 26
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "csv" / "metrics.csv")))
     budgets = [float(r["peft/rank_budget"]) for r in rows if r.get("peft/rank_budget")]
     assert len(budgets) == 8  # once per optimiser step
-    assert budgets[0] == 72 and budgets[-1] == 24 and budgets == sorted(budgets, reverse=True)
+    assert budgets[0] == 78 and budgets[-1] == 26 and budgets == sorted(budgets, reverse=True)
 
 
 def test_adalora_defaults_survive_a_fast_dev_run(tmp_path, tiny):
@@ -239,7 +242,7 @@ def test_lora_rank_sweep_through_the_cli(tmp_path):
         metrics = read_metrics(metrics_file.parent)
         runs[compose_overrides_rank(metrics_file.parent)] = metrics["params/trainable"]
     assert set(runs) == {2, 8}
-    per_rank = LAYERS * sum(i + o for i, o in BLOCK_LINEARS)
+    per_rank = sum(i + o for i, o in LOW_RANK_TARGETS)
     assert runs[8] - runs[2] == (8 - 2) * per_rank
     assert runs[2] == 2 * per_rank + HEAD
 

@@ -42,8 +42,9 @@ def test_lora_trains_only_adapters_and_head(tmp_path, tiny):
 
     metrics = run_config(tiny, tmp_path)
     # LoRA r=8 on 2 layers x 6 linears of a 32-wide BERT (intermediate 64):
-    # q,k,v,o: 8*(32+32) each; up: 8*(32+64); down: 8*(64+32); plus the 2-class head.
-    lora = 2 * (4 * 8 * 64 + 2 * 8 * 96)
+    # q,k,v,o: 8*(32+32) each; up: 8*(32+64); down: 8*(64+32); the pooler 8*(32+32);
+    # plus the 2-class head.
+    lora = 2 * (4 * 8 * 64 + 2 * 8 * 96) + 8 * 64
     head = 32 * 2 + 2
     assert metrics["params/trainable"] == lora + head
 

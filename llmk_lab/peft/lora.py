@@ -11,6 +11,7 @@ from typing import Any, Optional
 from peft import LoraConfig, get_peft_model
 
 from llmk_lab.errors import UserError, check
+from llmk_lab.models import low_rank_update_pattern
 from llmk_lab.peft import PEFT, PeftStrategy, resolve_targets
 
 
@@ -23,7 +24,7 @@ class LoraSettings:
     alpha: float = 16.0
     dropout: float = 0.1
     # Regex over module names or a list of name suffixes (null: every linear
-    # layer inside the transformer blocks: attention and feed-forward).
+    # layer inside the transformer blocks, attention and feed-forward, and BERT's pooler).
     target_modules: Optional[Any] = None
     # Rank-stabilised scaling alpha / sqrt(r) (Kalajdzievski 2023).
     use_rslora: bool = False
@@ -69,7 +70,8 @@ class LoRA(PeftLibraryStrategy):
         s = self.settings
         config = LoraConfig(
             task_type=ctx.task.peft_task_type, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
-            target_modules=resolve_targets(model, s.target_modules), use_rslora=s.use_rslora,
+            target_modules=resolve_targets(model, s.target_modules, default=low_rank_update_pattern(model)),
+            use_rslora=s.use_rslora,
             use_dora=s.use_dora, bias=s.bias,
         )
         return wrap(model, config)
