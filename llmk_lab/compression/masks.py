@@ -13,6 +13,7 @@ keep the pruned weights at zero afterwards:
 from __future__ import annotations
 
 import types
+from typing import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -61,19 +62,29 @@ class MaskKeeper(pl.Callback):
                 module.weight.mul_(getattr(module, MASK))
 
 
-def _masked_lora_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft LoRA Linear forward with the update masked: x @ ((W + s * B A) * M)^T."""
-    if self.disable_adapters or self.merged:
-        return self.base_layer(x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
-    mask = getattr(self.base_layer, MASK)
-    for name in self.active_adapters:
-        if name not in self.lora_A:
-            continue
-        delta = (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
-        x_in = self.lora_dropout[name](x).to(delta.dtype)
-        result = result + F.linear(x_in, delta * mask).to(result.dtype)
-    return result
+def masked_update_forward(update_weight: Callable[[nn.Module, str], torch.Tensor]):
+    """A forward for a peft low-rank layer whose update obeys the base layer's pruning mask:
+    x @ ((W + dW) * M)^T, so the model trained is the model that merging (then re-masking) exports.
+    `update_weight(layer, adapter_name)` returns dW as a full matrix."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if self.disable_adapters or self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        mask = getattr(self.base_layer, MASK)
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            delta = update_weight(self, name)
+            x_in = self.lora_dropout[name](x).to(delta.dtype)
+            result = result + F.linear(x_in, delta * mask).to(result.dtype)
+        return result
+
+    return forward
+
+
+_masked_lora_forward = masked_update_forward(
+    lambda layer, name: (layer.lora_B[name].weight @ layer.lora_A[name].weight) * layer.scaling[name])
 
 
 def mask_lora_updates(model: nn.Module) -> int:

@@ -16,10 +16,9 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-import torch.nn.functional as F
 from peft import AdaLoraConfig
 
-from llmk_lab.compression.masks import MASK
+from llmk_lab.compression.masks import MASK, masked_update_forward
 from llmk_lab.errors import UserError, check
 from llmk_lab.models import low_rank_update_pattern
 from llmk_lab.peft import PEFT, resolve_targets
@@ -65,21 +64,10 @@ class AdaLoraSettings:
         check(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
 
 
-def _masked_svd_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-    """peft SVDLinear forward with the update obeying the pruning mask: x @ ((W + dW) * M)^T,
-    so the model trained is the model that merging (then re-masking) exports."""
-    if self.disable_adapters or self.merged:
-        return self.base_layer(x, *args, **kwargs)
-    result = self.base_layer(x, *args, **kwargs)
-    mask = getattr(self.base_layer, MASK)
-    for name in self.active_adapters:
-        if name not in self.lora_A:
-            continue
-        delta = (self.lora_B[name] @ (self.lora_A[name] * self.lora_E[name])) * self.scaling[name] \
-            / (self.ranknum[name] + 1e-5)
-        x_in = self.lora_dropout[name](x).to(delta.dtype)
-        result = result + F.linear(x_in, delta * mask).to(result.dtype)
-    return result
+# AdaLoRA's update is P diag(E) Q, scaled by alpha over the current rank.
+_masked_svd_forward = masked_update_forward(
+    lambda layer, name: (layer.lora_B[name] @ (layer.lora_A[name] * layer.lora_E[name])) * layer.scaling[name]
+    / (layer.ranknum[name] + 1e-5))
 
 
 def mask_svd_updates(model) -> int:
