@@ -78,3 +78,18 @@ def test_chain_steps_are_validated_with_their_index():
     cfg = compose_config(["compression=chain", "+compression.steps=[{method: magnitud}]"])
     with pytest.raises(UserError, match=r"compression.steps\[0\].method='magnitud'"):
         plan(cfg)
+
+
+# An experiment that starts from another run's output points at the embedded model instead.
+STANDALONE = {"mlm_then_classify": ["model.name_or_path=asset:minilm-l6"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_runs_with_fast_dev_run(tmp_path, name):
+    from tests.conftest import run_config
+
+    metrics = run_config([f"+experiment={name}", "train.fast_dev_run=true", "logger=csv", "export.checkpoint=false",
+                          "data.limit_train=32", "data.limit_eval=4", *STANDALONE.get(name, [])], tmp_path)
+    assert (tmp_path / "metrics.json").exists()
+    assert any(key.startswith("test/") for key in metrics)
