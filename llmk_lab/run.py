@@ -19,14 +19,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llmk_lab.compression import CompressionMethod, build_methods
-from llmk_lab.compression.masks import MaskKeeper, mask_lora_updates, masked_linears, reapply_masks, sparsity_report
+from llmk_lab.compression.masks import MaskKeeper, mask_lora_updates, masked_linears, sparsity_report
 from llmk_lab.config import RunConfig
 from llmk_lab.context import RunContext
 from llmk_lab.data import load_data
 from llmk_lab.data.module import TaskDataModule
 from llmk_lab.errors import UserError
 from llmk_lab.manifest import build_manifest, write_json
-from llmk_lab.measure import compression_figures, keep_fitted_reference, parameter_counts, peak_memory_mb
+from llmk_lab.measure import compression_figures, deployable, keep_fitted_reference, parameter_counts, peak_memory_mb
 from llmk_lab.models import load_model, load_tokenizer
 from llmk_lab.module import TaskModule, ThroughputMonitor
 from llmk_lab.peft import PEFT, PeftStrategy
@@ -100,9 +100,7 @@ def measure_sparsity(ctx: RunContext, strategy: PeftStrategy, methods) -> dict[s
     if requested:
         figures["sparsity/requested"] = requested[-1]
     if strategy.mergeable:
-        merged = strategy.merged(copy.deepcopy(ctx.model))
-        reapply_masks(merged)
-        report = sparsity_report(merged)
+        report = sparsity_report(deployable(ctx.model, strategy))
         figures["sparsity/after_merge"] = report["overall"]
         ctx.reports["sparsity_per_layer_after_merge"] = report["per_layer"]
     return figures
@@ -117,8 +115,7 @@ def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict
     if settings.export.adapter and strategy.save_adapter(ctx.model, run_dir / "adapter"):
         written["adapter"] = str(run_dir / "adapter")
     if settings.export.merged:
-        merged = strategy.merged(copy.deepcopy(ctx.model))
-        reapply_masks(merged)
+        merged = deployable(ctx.model, strategy)  # plan() refused export.merged for unmergeable strategies
         merged.save_pretrained(run_dir / "merged", safe_serialization=True)
         ctx.tokenizer.save_pretrained(run_dir / "merged")
         written["merged"] = str(run_dir / "merged")
