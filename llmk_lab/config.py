@@ -126,13 +126,16 @@ class HardwareConfig:
         check(self.threads is None or self.threads >= 1, "threads", self.threads, "a positive integer or null")
 
 
-LOGGER_KINDS = ("wandb", "csv", "none")
+LOGGER_KINDS = ("wandb", "tensorboard", "csv", "none")
 
 
 @dataclass
 class LoggerConfig:
-    # wandb | csv | none. A CSV log is always written to the run directory too.
+    # wandb | tensorboard | csv | none. A CSV log is always written to the run directory too.
     kind: str = "wandb"
+    # Several trackers at once, e.g. `logger.kinds=[wandb,tensorboard]`; when non-empty
+    # it replaces `kind`. TensorBoard event files go to `<run_dir>/tensorboard/`.
+    kinds: list[str] = field(default_factory=list)
     project: str = "llmk_lab"
     entity: Optional[str] = None
     # auto: online when a W&B API key is configured, offline otherwise.
@@ -143,8 +146,15 @@ class LoggerConfig:
 
     def __post_init__(self) -> None:
         check(self.kind in LOGGER_KINDS, "kind", self.kind, f"one of {list(LOGGER_KINDS)}")
+        check(all(k in LOGGER_KINDS for k in self.kinds), "kinds", self.kinds,
+              f"a list of entries from {list(LOGGER_KINDS)}")
         check(self.mode in ("auto", "online", "offline", "disabled"), "mode", self.mode,
               "one of ['auto', 'online', 'offline', 'disabled']")
+
+    @property
+    def active(self) -> list[str]:
+        """The trackers this run writes to, besides the CSV log that is always written."""
+        return [k for k in dict.fromkeys(self.kinds or [self.kind]) if k not in ("csv", "none")]
 
 
 @dataclass

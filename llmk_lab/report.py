@@ -404,7 +404,7 @@ def write_report(sweep_dir: Path | str, optimized_metric: Optional[str] = None, 
 
     logger_cfg = _job_logger_config(jobs)
     if wandb is None:
-        wandb = bool(logger_cfg) and logger_cfg.get("kind") == "wandb"
+        wandb = bool(logger_cfg) and "wandb" in (logger_cfg.get("kinds") or [logger_cfg.get("kind")])
     if wandb and rows:
         log_to_wandb(result, logger_cfg or {}, info.get("group") or sweep_group(sweep_dir), sweep_dir)
     return result

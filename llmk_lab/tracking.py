@@ -33,7 +33,15 @@ def wandb_mode(requested: str) -> str:
 
 def build_loggers(logger_cfg, run_dir: Path, run_name: str, group: Optional[str], config: dict[str, Any]) -> list[Logger]:
     loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
-    if logger_cfg.kind == "wandb":
+    kinds = logger_cfg.active
+    if "tensorboard" in kinds:
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        # Event files straight in <run_dir>/tensorboard (no version_N folder: one run, one directory);
+        # view with `tensorboard --logdir outputs/` to compare runs.
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
+                                         default_hp_metric=False))
+    if "wandb" in kinds:
         from pytorch_lightning.loggers import WandbLogger
 
         mode = wandb_mode(logger_cfg.mode)
