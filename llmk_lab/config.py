@@ -90,6 +90,16 @@ class TrainConfig:
     fast_dev_run: bool = False
     # Validate during fit every N epochs (0: only at the end).
     val_every_n_epochs: int = 1
+    # Best-checkpoint selection: the validation metric (e.g. val/acc, val/loss) whose best value
+    # picks the weights that are tested, measured and exported (null: the final weights).
+    # Validation then runs every epoch unless val_every_n_epochs says otherwise.
+    monitor: Optional[str] = None
+    # max | min | auto (min for names ending in loss, nll or perplexity, max otherwise).
+    monitor_mode: str = "auto"
+    # Early stopping: stop after this many validations without an improvement of the
+    # monitored metric by more than `early_stopping_min_delta` (null: never stop early).
+    early_stopping_patience: Optional[int] = None
+    early_stopping_min_delta: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.max_epochs >= 1, "max_epochs", self.max_epochs, "an integer >= 1")
@@ -104,6 +114,18 @@ class TrainConfig:
         check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", self.grad_clip, "a positive number or null")
         check(self.accumulate_grad_batches >= 1, "accumulate_grad_batches", self.accumulate_grad_batches, "an integer >= 1")
         check(self.val_every_n_epochs >= 0, "val_every_n_epochs", self.val_every_n_epochs, "an integer >= 0")
+        # Selection on the test split would report a tuned number as a held-out one.
+        check(self.monitor is None or self.monitor.startswith("val/"), "monitor", self.monitor,
+              "a validation metric such as val/acc or val/loss, or null")
+        check(self.monitor_mode in ("auto", "max", "min"), "monitor_mode", self.monitor_mode,
+              "one of ['auto', 'max', 'min']")
+        check(self.early_stopping_patience is None or (self.early_stopping_patience >= 0 and self.monitor),
+              "early_stopping_patience", self.early_stopping_patience,
+              "an integer >= 0 together with train.monitor, or null")
+        check(self.early_stopping_min_delta >= 0, "early_stopping_min_delta", self.early_stopping_min_delta,
+              "a number >= 0")
+        if self.monitor and self.val_every_n_epochs == 0:
+            self.val_every_n_epochs = 1
 
 
 @dataclass

@@ -32,6 +32,7 @@ from llmk_lab.module import TaskModule, ThroughputMonitor
 from llmk_lab.peft import PEFT, PeftStrategy
 from llmk_lab.registry import to_settings
 from llmk_lab.tasks import get_task
+from llmk_lab.training.selection import restore_best, selection_callbacks
 from llmk_lab import jobs, tracking
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     for method in p.methods:
         callbacks.extend(method.callbacks(ctx))
     callbacks.extend(jobs.job_callbacks(settings, run_dir))  # stop on a diverged loss; resumable checkpoints
+    callbacks.extend(selection_callbacks(settings.train, run_dir))  # train.monitor: best checkpoint, early stopping
     loggers = tracking.build_loggers(settings.logger, run_dir, run_name, group,
                                      OmegaConf.to_container(cfg, resolve=True))
     failed = True
@@ -236,6 +238,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         train_figures = {"train/examples_per_s": throughput.examples_per_second,
                          "train/peak_memory_mb": peak_memory_mb(), "train/examples": throughput.examples,
                          "train/steps": trainer.global_step, "train/seconds": throughput.seconds}
+        train_figures.update(restore_best(ctx.module, trainer, callbacks))  # the selected weights from here on
 
         # 7. post-training compression
         keep_fitted_reference(ctx, p.methods, p.strategy)

@@ -39,3 +39,33 @@ def test_logger_options_compose_and_several_kinds_are_active_at_once():
     assert both.active == ["wandb", "tensorboard"]
     with pytest.raises(UserError, match=r"logger\.kinds=\['wandb', 'tb'\].*allowed"):
         plan(compose_config(["logger.kinds=[wandb,tb]"]))
+
+
+def _epoch_values(run_dir, key: str) -> list[float]:
+    import csv
+
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(row[key]) for row in csv.DictReader(f) if row.get(key)]
+
+
+def test_early_stopping_stops_and_the_best_checkpoint_is_what_gets_tested(tmp_path, tiny):
+    # min_delta larger than any change: no epoch after the first counts as an improvement, so
+    # training stops after 1 + patience epochs; the checkpoint keeps the lowest val/loss regardless.
+    metrics = run_config(tiny + STEPS + ["peft=full", "train.lr=0.05", "train.max_epochs=6", "train.monitor=val/loss",
+                                         "train.early_stopping_patience=2", "train.early_stopping_min_delta=10"],
+                         tmp_path)
+    assert metrics["train/epochs_run"] == 3 and metrics["train/stopped_early"] is True
+    per_epoch = _epoch_values(tmp_path, "val/loss")[:3]  # the fit's validations; the 4th is the final evaluation
+    best = min(range(3), key=per_epoch.__getitem__)
+    assert metrics["train/best_epoch"] == best + 1
+    assert metrics["train/best_score"] == pytest.approx(per_epoch[best])
+    # The final validation ran on the restored weights: it reproduces the selected epoch's value.
+    assert metrics["val/loss"] == pytest.approx(per_epoch[best], rel=1e-5)
+    assert best != 2, f"the last epoch was the best ({per_epoch}): restoring would not be tested"
+
+
+def test_monitor_must_be_a_validation_metric():
+    with pytest.raises(UserError, match=r"train\.monitor='test/acc'.*allowed"):
+        plan(compose_config(["train.monitor=test/acc"]))
+    with pytest.raises(UserError, match=r"train\.early_stopping_patience=2.*train\.monitor"):
+        plan(compose_config(["train.early_stopping_patience=2"]))
