@@ -100,6 +100,10 @@ class TrainConfig:
     # monitored metric by more than `early_stopping_min_delta` (null: never stop early).
     early_stopping_patience: Optional[int] = None
     early_stopping_min_delta: float = 0.0
+    # Layer-wise learning-rate decay: the head trains at `lr`, transformer block i of L
+    # (0 nearest the input) at lr * decay^(L - i), the embeddings at lr * decay^(L + 1);
+    # adapter weights inside block i get block i's rate. 1.0: one rate for everything.
+    layer_lr_decay: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.max_epochs >= 1, "max_epochs", self.max_epochs, "an integer >= 1")
@@ -124,6 +128,8 @@ class TrainConfig:
               "an integer >= 0 together with train.monitor, or null")
         check(self.early_stopping_min_delta >= 0, "early_stopping_min_delta", self.early_stopping_min_delta,
               "a number >= 0")
+        check(0 < self.layer_lr_decay <= 1, "layer_lr_decay", self.layer_lr_decay,
+              "a number in (0, 1] (1: no decay)")
         if self.monitor and self.val_every_n_epochs == 0:
             self.val_every_n_epochs = 1
 

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
+from llmk_lab.training.llrd import split_by_depth
+
 SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
 
@@ -61,9 +63,11 @@ class TaskModule(pl.LightningModule):
                 continue
             # Biases and LayerNorm weights are not decayed (the BERT recipe).
             (no_decay if param.ndim < 2 else decay).append(param)
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": self.train_cfg.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}], lr=self.train_cfg.lr)
+        groups = [{"params": decay, "weight_decay": self.train_cfg.weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        if self.train_cfg.layer_lr_decay < 1:
+            groups = split_by_depth(self.model, groups, self.train_cfg.lr, self.train_cfg.layer_lr_decay)
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.train_cfg.lr)
         total = int(self.trainer.estimated_stepping_batches)
         scheduler = get_scheduler(SCHEDULER_NAMES[self.train_cfg.scheduler], optimizer,
                                   num_warmup_steps=int(self.train_cfg.warmup_ratio * total),

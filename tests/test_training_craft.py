@@ -69,3 +69,52 @@ def test_monitor_must_be_a_validation_metric():
         plan(compose_config(["train.monitor=test/acc"]))
     with pytest.raises(UserError, match=r"train\.early_stopping_patience=2.*train\.monitor"):
         plan(compose_config(["train.early_stopping_patience=2"]))
+
+
+def _capture_optimizer(monkeypatch) -> dict:
+    from llmk_lab.module import TaskModule
+
+    original, seen = TaskModule.configure_optimizers, {}
+
+    def configure(self):
+        result = original(self)
+        seen.update(optimizer=result["optimizer"], model=self.model)
+        return result
+
+    monkeypatch.setattr(TaskModule, "configure_optimizers", configure)
+    return seen
+
+
+@pytest.mark.parametrize("peft", ["lora", "full"])
+def test_layer_lr_decay_gives_block_i_base_times_decay_to_the_L_minus_i(tmp_path, tiny, monkeypatch, peft):
+    import re
+
+    seen = _capture_optimizer(monkeypatch)
+    base, decay, layers = 0.01, 0.5, 2
+    run_config(tiny + ["compression=none", f"peft={peft}", f"train.lr={base}", f"train.layer_lr_decay={decay}",
+                       "train.max_steps=1"], tmp_path)
+    name_of = {id(p): n for n, p in seen["model"].named_parameters()}
+    expected_lrs, lora_blocks, counted = set(), set(), 0
+    for group in seen["optimizer"].param_groups:
+        for param in group["params"]:
+            name = name_of[id(param)]
+            block = re.search(r"\.layer\.(\d+)\.", name)
+            if block:
+                expected = base * decay ** (layers - int(block.group(1)))
+                if "lora_" in name:
+                    lora_blocks.add(int(block.group(1)))
+            elif "embeddings" in name:
+                expected = base * decay ** (layers + 1)  # the lowest rate
+            else:
+                expected = base  # pooler and classifier: the head
+            assert group["initial_lr"] == pytest.approx(expected), name
+            expected_lrs.add(round(expected, 12))
+            counted += 1
+    trainable = [p for p in seen["model"].parameters() if p.requires_grad]
+    assert counted == len(trainable)  # every trainable tensor in exactly one group
+    if peft == "lora":
+        assert lora_blocks == {0, 1} and len(expected_lrs) == 3  # two blocks and the head; embeddings frozen
+    else:
+        assert len(expected_lrs) == 4
+    # weight decay stays where it was: none on biases and norms
+    assert all(g["weight_decay"] == 0 for g in seen["optimizer"].param_groups if g["params"][0].ndim < 2)
