@@ -15,6 +15,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from llmk_lab import register_all
+from llmk_lab.config_errors import HELP_FLAGS as _HELP_FLAGS, help_text, install as _report_config_errors_in_one_line
 from llmk_lab.errors import UserError
 from llmk_lab.manifest import write_json
 from llmk_lab.sweep import completed_metrics, config_fingerprint, job_name, mark_completed, sweep_group
@@ -78,6 +79,7 @@ def run_job(cfg: DictConfig) -> float:
         if isinstance(err, UserError) and not multirun and not os.environ.get("HYDRA_FULL_ERROR"):
             if _holds_no_result(run_dir):
                 shutil.rmtree(run_dir, ignore_errors=True)
+                _remove_if_empty(run_dir.parent)  # the date folder Hydra made for this run alone
             else:
                 write_json(run_dir / "failed.json", {"error": line, "type": type(err).__name__})
             print(f"error: {line}", file=sys.stderr)
@@ -91,13 +93,24 @@ def run_job(cfg: DictConfig) -> float:
     return _objective(metrics, cfg.optimized_metric)
 
 
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()  # refuses (OSError) when anything else is in it
+    except OSError:
+        pass
+
+
 def _objective(metrics: dict, key: str) -> float:
     value = metrics.get(key, math.nan)
     return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 def main() -> None:
+    if _HELP_FLAGS & set(sys.argv[1:]):
+        print(help_text())  # from the YAML files alone: no schemas, no heavy imports
+        return
     register_all()
+    _report_config_errors_in_one_line()
     # Hydra reads sys.argv itself; the decorator is applied here so the config
     # directory can be found at run time.
     hydra.main(version_base="1.3", config_path=config_dir(), config_name="config")(run_job)()

@@ -1,0 +1,78 @@
+"""What a user sees on the console: config mistakes as one line (exit 2), `--help` with the real options."""
+from __future__ import annotations
+
+import re
+import sys
+import subprocess
+
+import pytest
+
+from llmk_lab.cli import config_dir
+from tests.conftest import run_cli
+
+# (override, the key the line must name, a word of what is allowed, the closest valid name)
+CONFIG_MISTAKES = [
+    ("peft=lorra", "peft='lorra'", "adalora", "did you mean peft=lora"),
+    ("train.lrr=0.1", "train.lrr", "max_epochs", "did you mean train.lr"),
+    ("train.lr=abc", "train.lr='abc'", "a number", None),
+]
+
+
+def _leftovers(root):
+    return sorted(str(p.relative_to(root)) for p in (root / "outputs").rglob("*")) if (root / "outputs").exists() else []
+
+
+@pytest.mark.parametrize("override, key, allowed, suggestion", CONFIG_MISTAKES)
+def test_config_mistake_is_one_line_and_exit_2(tmp_path, override, key, allowed, suggestion):
+    result = run_cli([override, "logger=csv"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr[-2000:]
+    line = lines[0]
+    assert line.startswith("error: ") and key in line and allowed in line, line
+    if suggestion:
+        assert suggestion in line, line
+    assert "schema_" not in line and "+train" not in line
+    assert _leftovers(tmp_path) == []
+
+
+def test_config_mistake_in_a_sweep_leaves_no_sweep_folder(tmp_path):
+    result = run_cli(["-m", "train.lr=abc,0.1", "logger=csv"], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "train.lr='abc'" in result.stderr
+    assert _leftovers(tmp_path) == []
+
+
+def test_full_error_keeps_hydras_report(tmp_path):
+    result = run_cli(["train.lrr=0.1", "logger=csv"], cwd=tmp_path, env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_help_lists_real_options_with_descriptions(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "llmk_lab", "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    text = result.stdout
+    assert "schema_" not in text
+    # every option of every group, with the first descriptive comment line of its YAML
+    from pathlib import Path
+
+    from llmk_lab.config_errors import describe_option
+
+    conf = Path(config_dir())
+    for yaml_file in conf.glob("*/*.yaml"):
+        description = describe_option(yaml_file)
+        assert re.search(rf"^\s+{re.escape(yaml_file.stem)}\*?\s+{re.escape(description)}$", text, re.M), yaml_file
+    assert "lora*" in text  # the default is marked
+
+
+def test_unit_messages():
+    """The line builders on their own: the closest name, and free-form mappings suggest `+`."""
+    from pathlib import Path
+
+    from llmk_lab.config_errors import missing_option_line
+
+    conf = Path(config_dir())
+    assert "did you mean compression=magnitude" in missing_option_line("compression/magnitud", conf)
+    assert "did you mean" not in missing_option_line("peft/zzzzzz", conf)
+    assert "there is no config group" in missing_option_line("pefty/lora", conf)
