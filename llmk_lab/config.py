@@ -104,6 +104,15 @@ class TrainConfig:
     # (0 nearest the input) at lr * decay^(L - i), the embeddings at lr * decay^(L + 1);
     # adapter weights inside block i get block i's rate. 1.0: one rate for everything.
     layer_lr_decay: float = 1.0
+    # Adaptive weight decay (Ghiasi et al. 2023): lambda_awd > 0 replaces `weight_decay` on the
+    # decayed tensors by lambda_awd * ||grad|| / ||w|| each step, averaged over steps (the previous
+    # value's weight: `adaptive_weight_decay_average`); logged as train/effective_weight_decay.
+    adaptive_weight_decay: float = 0.0
+    adaptive_weight_decay_average: float = 0.1
+    # Dropout probability for every dropout layer of the model (null: as the model was configured).
+    dropout: Optional[float] = None
+    # Label smoothing of the cross-entropy (classification and masked-LM tasks; 0: none).
+    label_smoothing: float = 0.0
 
     def __post_init__(self) -> None:
         check(self.max_epochs >= 1, "max_epochs", self.max_epochs, "an integer >= 1")
@@ -130,6 +139,12 @@ class TrainConfig:
               "a number >= 0")
         check(0 < self.layer_lr_decay <= 1, "layer_lr_decay", self.layer_lr_decay,
               "a number in (0, 1] (1: no decay)")
+        check(self.adaptive_weight_decay >= 0, "adaptive_weight_decay", self.adaptive_weight_decay,
+              "a number >= 0 (0: off)")
+        check(0 <= self.adaptive_weight_decay_average < 1, "adaptive_weight_decay_average",
+              self.adaptive_weight_decay_average, "a number in [0, 1)")
+        check(self.dropout is None or 0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1) or null")
+        check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "a number in [0, 1)")
         if self.monitor and self.val_every_n_epochs == 0:
             self.val_every_n_epochs = 1
 

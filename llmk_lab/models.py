@@ -6,50 +6,16 @@ model can be built from `model.from_config` for tests.
 from __future__ import annotations
 
 import logging
-import re
-import os
 from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from llmk_lab import assets
+from llmk_lab import assets, pruned_bert
+from llmk_lab.architectures import pin_blocks
 from llmk_lab.errors import UserError
 
 log = logging.getLogger(__name__)
-
-# Linear layers inside the transformer blocks, per architecture: the default
-# targets of pruning and LoRA. Regexes over module names, so the pooler and the
-# task head (also called `dense` in BERT) are left alone.
-BLOCK_LINEARS = {
-    "bert": r".*\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)$",
-    "llama": r".*\.layers\.\d+\.(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))$",
-}
-
-
-# Low-rank updates (LoRA, AdaLoRA) also adapt BERT's pooler by default: the
-# sequence classifier reads the pooled [CLS] vector, and sentence-embedding
-# checkpoints such as all-MiniLM-L6-v2 never trained the pooler on their last
-# objective. On the default run this moved test accuracy from 0.805 to 0.820.
-POOLERS = {"bert": r".*\.pooler\.dense$"}
-
-
-def low_rank_update_pattern(model) -> str:
-    """Default targets of LoRA-style updates: the block linears, plus the pooler where there is one."""
-    blocks = block_linear_pattern(model)
-    pooler = POOLERS.get(getattr(model.config, "model_type", None))
-    if pooler is None or not any(re.fullmatch(pooler, name) for name, _ in model.named_modules()):
-        return blocks
-    return f"({blocks})|({pooler})"
-
-
-def block_linear_pattern(model) -> str:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in BLOCK_LINEARS:
-        raise UserError(f"model type {model_type!r} has no default layer pattern; set the method's "
-                        f"`target_modules` (known types: {sorted(BLOCK_LINEARS)})")
-    return BLOCK_LINEARS[model_type]
-
 
 def _resolve(reference: str, key: str) -> tuple[str, str | None]:
     """(path or hub id, asset name or None); a path that does not exist is refused here."""
@@ -90,8 +56,10 @@ def load_model(model_cfg, task, tokenizer):
         config = AutoConfig.for_model(spec.pop("model_type"), vocab_size=len(tokenizer), **spec, **kwargs)
         config.pad_token_id = tokenizer.pad_token_id
         model = task.auto_class.from_config(config)
+        pin_blocks(model, model_cfg.blocks)
         return model, {"from_config": dict(model_cfg.from_config)}
     path, asset = _resolve(model_cfg.name_or_path, "model.name_or_path")
+    pruned_bert.register()  # a checkpoint saved after structured head pruning has this model type
     try:
         model, loading = task.auto_class.from_pretrained(path, revision=model_cfg.revision, dtype=torch.float32,
                                                          trust_remote_code=model_cfg.trust_remote_code,
@@ -106,6 +74,7 @@ def load_model(model_cfg, task, tokenizer):
         raise
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    pin_blocks(model, model_cfg.blocks)
     info = {"name_or_path": model_cfg.name_or_path, "resolved": path}
     new_weights = newly_initialised(model, loading)
     if new_weights:

@@ -10,6 +10,8 @@ from torch import nn
 from transformers import get_scheduler
 
 from llmk_lab.training.llrd import split_by_depth
+from llmk_lab.training.regularization import (ADAPTIVE_KEY, AdaptiveWeightDecay, check_label_smoothing,
+                                              override_dropout, smoothed_loss)
 
 SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 
@@ -22,6 +24,9 @@ class TaskModule(pl.LightningModule):
         # Functions (batch, outputs, loss) -> loss added by fit-time methods
         # (e.g. distillation), applied in order to the task loss.
         self.loss_terms: list[Callable[[dict, Any, torch.Tensor], torch.Tensor]] = []
+        check_label_smoothing(task, train_cfg.label_smoothing)
+        if train_cfg.dropout is not None:
+            override_dropout(model, train_cfg.dropout)
 
     def forward(self, batch: dict) -> Any:
         return self.model(**batch)
@@ -29,6 +34,8 @@ class TaskModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         outputs = self(batch)
         loss = outputs.loss
+        if self.train_cfg.label_smoothing:
+            loss = smoothed_loss(outputs.logits, batch["labels"], self.train_cfg.label_smoothing)
         for term in self.loss_terms:
             loss = term(batch, outputs, loss)
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=len(batch["input_ids"]))
@@ -56,6 +63,14 @@ class TaskModule(pl.LightningModule):
     def on_test_epoch_end(self):
         self._log_epoch("test")
 
+    def configure_callbacks(self):
+        # Called again by validate/test: keep the fitted callback rather than replacing it.
+        if self.train_cfg.adaptive_weight_decay and not any(
+                isinstance(c, AdaptiveWeightDecay) for c in self.trainer.callbacks):
+            return [AdaptiveWeightDecay(self.train_cfg.adaptive_weight_decay,
+                                        self.train_cfg.adaptive_weight_decay_average)]
+        return []
+
     def configure_optimizers(self):
         decay, no_decay = [], []
         for name, param in self.model.named_parameters():
@@ -65,6 +80,9 @@ class TaskModule(pl.LightningModule):
             (no_decay if param.ndim < 2 else decay).append(param)
         groups = [{"params": decay, "weight_decay": self.train_cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
+        if self.train_cfg.adaptive_weight_decay:
+            # the adaptive coefficient replaces the fixed one (AdaptiveWeightDecay adds it to the gradient)
+            groups[0].update({"weight_decay": 0.0, ADAPTIVE_KEY: True})
         if self.train_cfg.layer_lr_decay < 1:
             groups = split_by_depth(self.model, groups, self.train_cfg.lr, self.train_cfg.layer_lr_decay)
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.train_cfg.lr)

@@ -118,3 +118,69 @@ def test_layer_lr_decay_gives_block_i_base_times_decay_to_the_L_minus_i(tmp_path
         assert len(expected_lrs) == 4
     # weight decay stays where it was: none on biases and norms
     assert all(g["weight_decay"] == 0 for g in seen["optimizer"].param_groups if g["params"][0].ndim < 2)
+
+
+def test_adaptive_weight_decay_follows_its_formula_on_a_hand_made_step():
+    from llmk_lab.training.regularization import adaptive_decay_step
+
+    w1, w2 = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0])  # ||w|| = 5
+    w1.grad, w2.grad = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 0.0])  # ||grad|| = 1
+    first = adaptive_decay_step([w1, w2], lambda_awd=0.1, previous=None, average=0.1)
+    assert first == pytest.approx(0.1 * 1 / 5)  # lambda_awd * ||grad|| / ||w||
+    # the decay term joins the gradient: grad + lambda * w
+    assert torch.allclose(w1.grad, torch.tensor([1.0 + 0.02 * 3, 0.0]))
+    assert torch.allclose(w2.grad, torch.tensor([0.0, 0.02 * 4]))
+    w1.grad, w2.grad = torch.tensor([0.0, 2.0]), torch.zeros(2)  # ||grad|| = 2: lambda_t = 0.04
+    second = adaptive_decay_step([w1, w2], lambda_awd=0.1, previous=first, average=0.1)
+    assert second == pytest.approx(0.1 * 0.02 + 0.9 * 0.04)  # running average of the coefficient
+    assert torch.allclose(w1.grad, torch.tensor([second * 3, 2.0]))
+
+
+def test_adaptive_weight_decay_and_dropout_in_a_run_log_the_effective_decay(tmp_path, tiny, monkeypatch):
+    import csv
+
+    from torch import nn
+
+    seen = _capture_optimizer(monkeypatch)
+    metrics = run_config(tiny + STEPS + ["train.adaptive_weight_decay=0.5", "train.dropout=0.3"], tmp_path)
+    groups = seen["optimizer"].param_groups
+    adaptive = [g for g in groups if g.get("adaptive_weight_decay")]
+    assert adaptive and all(g["weight_decay"] == 0 for g in groups)  # the fixed decay is replaced, not added
+    assert all(p.ndim >= 2 for g in adaptive for p in g["params"])  # biases and norms stay undecayed
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        logged = [float(r["train/effective_weight_decay"]) for r in csv.DictReader(f)
+                  if r.get("train/effective_weight_decay")]
+    assert len(logged) == metrics["train/steps"] == 4 and all(v > 0 for v in logged)
+    assert len(set(logged)) > 1  # it adapts step by step
+    dropouts = {n: m.p for n, m in seen["model"].named_modules() if isinstance(m, nn.Dropout)}
+    assert {p for n, p in dropouts.items() if "lora_dropout" not in n} == {0.3}
+    assert any("lora_dropout" in n and p != 0.3 for n, p in dropouts.items())  # peft.lora_dropout is its own knob
+
+
+def test_label_smoothing_changes_the_training_loss_by_its_formula():
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from llmk_lab.config import TrainConfig
+    from llmk_lab.module import TaskModule
+    from llmk_lab.tasks import get_task
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.0]])
+    labels = torch.tensor([0, 1])
+
+    class Fixed(nn.Module):
+        def forward(self, **batch):
+            return SimpleNamespace(logits=logits, loss=nn.functional.cross_entropy(logits, labels))
+
+    task = get_task("sequence_classification", ["neg", "pos"])
+    batch = {"input_ids": torch.zeros(2, 3, dtype=torch.long), "labels": labels}
+    plain = TaskModule(Fixed(), task, TrainConfig()).training_step(batch, 0)
+    smoothed = TaskModule(Fixed(), task, TrainConfig(label_smoothing=0.2)).training_step(batch, 0)
+    logp = logits.log_softmax(-1)
+    # (1 - eps) * NLL of the label + eps * mean over classes of -log p
+    expected = (0.8 * -logp[[0, 1], labels] + 0.2 * -logp.mean(-1)).mean()
+    assert plain == pytest.approx(float(nn.functional.cross_entropy(logits, labels)))
+    assert smoothed == pytest.approx(float(expected)) and smoothed != pytest.approx(float(plain))
+    with pytest.raises(UserError, match=r"train\.label_smoothing=0\.1 .*'causal_lm'.*allowed"):
+        TaskModule(Fixed(), get_task("causal_lm", None), TrainConfig(label_smoothing=0.1))

@@ -9,12 +9,12 @@ names, so adding a method is one Python file here and one YAML in
 """
 from __future__ import annotations
 
-import re
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from llmk_lab.architectures import LINEAR_TYPES, architecture, matching_modules
 from llmk_lab.errors import UserError
 from llmk_lab.registry import Registry, import_submodules
 
@@ -48,24 +48,29 @@ def build_methods(node, path: str = "compression") -> list[CompressionMethod]:
     return list(getattr(method, "steps", [method]))
 
 
-def target_linears(model: nn.Module, target_modules: Optional[Any], key: str) -> dict[str, nn.Linear]:
+def target_linears(model: nn.Module, target_modules: Optional[Any], key: str,
+                   kinds: tuple[type, ...] = (nn.Linear,)) -> dict[str, nn.Module]:
     """Linear layers to compress: the model's transformer-block linears by default.
 
-    `target_modules` is a regex over module names or a list of name suffixes.
+    `target_modules` follows the one matching rule of `architectures.name_matcher`
+    (a regex over module names, or a list of names / dotted suffixes), the same as
+    the PEFT strategies'. `kinds` are the layer types the method handles: pruning
+    also handles transformers' `Conv1D` (GPT-2); a targeted layer of another linear
+    type is refused in one line rather than silently skipped.
     """
-    from llmk_lab.models import block_linear_pattern
-
-    if target_modules is None:
-        pattern = block_linear_pattern(model)
-        match = lambda name: re.fullmatch(pattern, name) is not None  # noqa: E731
-    elif isinstance(target_modules, str):
-        match = lambda name: re.fullmatch(target_modules, name) is not None  # noqa: E731
-    else:
-        suffixes = tuple(target_modules)
-        match = lambda name: name.split(".")[-1] in suffixes or name in suffixes  # noqa: E731
-    found = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and match(name)}
+    value = architecture(model).block_linears() if target_modules is None else target_modules
+    if not isinstance(value, str) and not list(value):
+        raise UserError(f"{key}=[] is not allowed: give a regex over module names or a list of name suffixes")
+    found = matching_modules(model, value, LINEAR_TYPES)
     if not found:
-        raise UserError(f"{key}={target_modules!r} matches no linear layer of the model")
+        raise UserError(f"{key}={target_modules!r} matches no linear layer of the model; give a regex over "
+                        "module names or a list of names / dotted suffixes")
+    unsupported = {name: m for name, m in found.items() if not isinstance(m, kinds)}
+    if unsupported:
+        name, layer = next(iter(unsupported.items()))
+        raise UserError(f"{key}={target_modules!r}: this method handles {'/'.join(k.__name__ for k in kinds)} "
+                        f"layers, and {name} is a {type(layer).__name__}; target other layers or use a "
+                        "method that supports it (magnitude, wanda, sparsegpt, random)")
     return found
 
 

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from llmk_lab.architectures import architecture, in_features
 from llmk_lab.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -72,27 +73,16 @@ class _StopForward(Exception):
 
 
 def find_blocks(model: nn.Module, layers: dict[str, nn.Module]) -> tuple[str, list[nn.Module]]:
-    """The module list of transformer blocks holding the target layers: (its name, its blocks).
-
-    Works by module names, so it finds `bert.encoder.layer`, `model.layers`
-    and the same lists under a peft wrapper alike.
-    """
-    best: tuple[int, str, Optional[nn.ModuleList]] = (0, "", None)
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        prefixes = [f"{name}.{i}." if name else f"{i}." for i in range(len(module))]
-        covered = sum(any(layer.startswith(p) for p in prefixes) for layer in layers)
-        if covered > best[0]:
-            best = (covered, name, module)
-    covered, name, blocks = best
-    if blocks is None or covered != len(layers):
-        prefixes = tuple(f"{name}.{i}." for i in range(len(blocks or [])))
-        outside = [layer for layer in layers if not layer.startswith(prefixes)] if blocks is not None else list(layers)
+    """The transformer blocks (`llmk_lab.architectures`) and a check that they hold every target layer:
+    (the block list's name, its blocks)."""
+    arch = architecture(model)
+    prefixes = tuple(arch.block_prefix(i) for i in range(len(arch.blocks)))
+    outside = [layer for layer in layers if not layer.startswith(prefixes)]
+    if outside:
         raise UserError(f"compression.target_modules: {len(outside)} of the {len(layers)} targeted layers lie outside "
-                        f"the transformer blocks (e.g. {outside[0]}); calibrated pruning goes block by block, so "
-                        "target only linear layers inside the blocks (the default)")
-    return name, list(blocks)
+                        f"the transformer blocks (e.g. {outside[0]}) at {arch.blocks_path!r}; calibrated pruning "
+                        "goes block by block, so target only linear layers inside the blocks (the default)")
+    return arch.blocks_path, list(arch.blocks)
 
 
 def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -183,7 +173,7 @@ def prune_block_sequentially(
         last = max(i for i, p in enumerate(prefixes) if any(name.startswith(p) for name in layers))
         for index, block in enumerate(blocks[: last + 1]):
             in_block = {name: layer for name, layer in layers.items() if name.startswith(prefixes[index])}
-            stats = {name: InputStatistics(layer.in_features, layer.weight.device, gram)
+            stats = {name: InputStatistics(in_features(layer), layer.weight.device, gram)
                      for name, layer in in_block.items()}
             current_tokens: list[torch.Tensor] = []
 

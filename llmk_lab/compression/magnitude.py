@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmk_lab.architectures import to_weight_layout, weight_matrix
 from llmk_lab.compression import COMPRESSION
 from llmk_lab.compression.masks import set_mask
 from llmk_lab.compression.one_shot import OneShotConfig, OneShotPruning, keep_mask, layer_keep_mask
@@ -47,7 +48,8 @@ class MagnitudePruning(OneShotPruning):
         s = self.settings
         if s.scope == "layer":
             for layer in layers.values():
-                set_mask(layer, keep_mask(layer.weight.abs(), s, per_row=False))
+                keep = keep_mask(weight_matrix(layer).abs(), s, per_row=False)
+                set_mask(layer, to_weight_layout(layer, keep))
         else:
             scores = torch.cat([layer.weight.abs().flatten() for layer in layers.values()])
             keep = layer_keep_mask(scores, s.sparsity)

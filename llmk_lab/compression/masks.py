@@ -72,6 +72,8 @@ def masked_update_forward(update_weight: Callable[[nn.Module, str], torch.Tensor
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         mask = getattr(self.base_layer, MASK)
+        if self.fan_in_fan_out:  # transformers' Conv1D (GPT-2) stores W^T; dW is (out, in)
+            mask = mask.t()
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue

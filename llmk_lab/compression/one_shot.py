@@ -16,6 +16,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from llmk_lab.architectures import LINEAR_TYPES, in_features
 from llmk_lab.compression import CompressionMethod, target_linears
 from llmk_lab.compression.calibration import InputStatistics, prune_block_sequentially
 from llmk_lab.compression.masks import sparsity_report
@@ -77,9 +78,9 @@ def check_n_m_fits(layers: dict[str, nn.Module], settings: OneShotConfig) -> Non
     if not settings.n_m:
         return
     for name, layer in layers.items():
-        if layer.in_features % settings.prune_m:
+        if in_features(layer) % settings.prune_m:
             raise UserError(f"compression.prune_m={settings.prune_m} is not allowed: layer {name} has "
-                            f"{layer.in_features} input features, not divisible by {settings.prune_m}; "
+                            f"{in_features(layer)} input features, not divisible by {settings.prune_m}; "
                             "N:M needs every pruned layer's input dimension divisible by M")
 
 
@@ -121,7 +122,9 @@ class OneShotPruning(CompressionMethod):
         self.prune(ctx.model, layers, ctx)
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
-        layers = target_linears(model, self.settings.target_modules, "compression.target_modules")
+        # Scores and masks are computed on (out, in) matrices, so GPT-2's Conv1D is pruned like a Linear.
+        layers = target_linears(model, self.settings.target_modules, "compression.target_modules",
+                                kinds=LINEAR_TYPES)
         check_n_m_fits(layers, self.settings)
         return layers
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmk_lab.architectures import to_weight_layout, weight_matrix
 from llmk_lab.compression import COMPRESSION
 from llmk_lab.compression.masks import set_mask
 from llmk_lab.compression.one_shot import OneShotConfig, OneShotPruning, keep_mask
@@ -28,6 +29,6 @@ class RandomPruning(OneShotPruning):
     def prune(self, model: nn.Module, layers: dict[str, nn.Module], ctx=None) -> None:
         generator = torch.Generator().manual_seed(self.settings.seed)
         for layer in layers.values():
-            scores = torch.rand(layer.weight.shape, generator=generator)
-            set_mask(layer, keep_mask(scores, self.settings, per_row=False))
+            scores = torch.rand(weight_matrix(layer).shape, generator=generator)
+            set_mask(layer, to_weight_layout(layer, keep_mask(scores, self.settings, per_row=False)))
         self.record(model, layers, seed=self.settings.seed)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmk_lab.architectures import to_weight_layout, weight_matrix
 from llmk_lab.compression import COMPRESSION
 from llmk_lab.compression.calibration import InputStatistics
 from llmk_lab.compression.masks import set_mask
@@ -117,7 +118,7 @@ class SparseGPTPruning(CalibratedPruning):
     @torch.no_grad()
     def prune_layer(self, name: str, layer: nn.Module, stats: InputStatistics) -> None:
         s = self.settings
-        weight, keep = sparsegpt_prune(layer.weight, stats.hessian(), s.sparsity, s.prune_n, s.prune_m,
+        weight, keep = sparsegpt_prune(weight_matrix(layer), stats.hessian(), s.sparsity, s.prune_n, s.prune_m,
                                        s.blocksize, s.percdamp, name)
-        layer.weight.copy_(weight)
-        set_mask(layer, keep)
+        layer.weight.copy_(to_weight_layout(layer, weight))
+        set_mask(layer, to_weight_layout(layer, keep))

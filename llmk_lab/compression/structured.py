@@ -5,17 +5,20 @@
   (`importance: gradient`), or the L1 norm of the head's weights
   (`importance: l1`). The lowest `head_ratio` of the heads of every layer are
   cut out of the query/key/value rows and the output projection's columns.
-- Neurons (BERT and Llama feed-forward blocks): first-order Taylor importance
+- Neurons (feed-forward blocks of every family whose feed-forward input and
+  output projections the architecture map knows): first-order Taylor importance
   |activation * gradient| (Molchanov et al. 2017) or the L1 norm of the
   neuron's in and out weights; the lowest `neuron_ratio` of each layer go.
 - Layers: `drop_layers` is a list of block indices, or a count of top blocks
   to drop (top-layer dropping, Sajjad et al. 2020, is the strongest simple rule).
 
 Every layer keeps the same number of heads and neurons, so the shrunk model is
-described by its config: `intermediate_size` and `num_hidden_layers` are plain
-transformers fields; a BERT with fewer heads per layer (head size unchanged)
-is saved as model type `llmk_pruned_bert`, registered with transformers' Auto
-classes when llmk_lab is imported, so `AutoModelFor*.from_pretrained` reloads it.
+described by its config: the feed-forward width (`intermediate_size` and its
+per-family names) and `num_hidden_layers` are plain transformers fields; a BERT
+with fewer heads per layer (head size unchanged) is saved as model type
+`llmk_pruned_bert` (`llmk_lab/pruned_bert.py`), so `AutoModelFor*.from_pretrained`
+reloads it. Where the blocks and their projections are comes from
+`llmk_lab.architectures`.
 """
 from __future__ import annotations
 
@@ -24,43 +27,14 @@ from typing import Any, Optional
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModelForSequenceClassification,
-                          AutoModelForTokenClassification, BertConfig, BertForMaskedLM, BertForSequenceClassification,
-                          BertForTokenClassification, BertModel)
 
+from llmk_lab.architectures import (Architecture, architecture, out_features, transformer_blocks,  # noqa: F401
+                                    weight_matrix)
 from llmk_lab.compression import COMPRESSION, CompressionMethod
 from llmk_lab.errors import UserError, check
-from llmk_lab.models import BLOCK_LINEARS
+from llmk_lab.pruned_bert import pruned_config, remove_heads, sliced
 
-PRUNED_BERT = "llmk_pruned_bert"
-
-
-class PrunedBertConfig(BertConfig):
-    """A BERT whose layers keep `attention_heads_kept` heads of `hidden_size / num_attention_heads` each."""
-    model_type = PRUNED_BERT
-
-    def __init__(self, attention_heads_kept: Optional[int] = None, **kwargs):
-        super().__init__(**kwargs)
-        self.attention_heads_kept = attention_heads_kept
-
-
-def _pruned_class(base: type) -> type:
-    def __init__(self, config, *args, **kwargs):
-        base.__init__(self, config, *args, **kwargs)
-        if config.attention_heads_kept is not None:
-            for block in transformer_blocks(self):
-                keep = list(range(config.attention_heads_kept))
-                remove_heads(block, keep)  # shapes only: the checkpoint's weights are loaded afterwards
-
-    return type(f"Pruned{base.__name__}", (base,), {"config_class": PrunedBertConfig, "__init__": __init__})
-
-
-AutoConfig.register(PRUNED_BERT, PrunedBertConfig, exist_ok=True)
-for _auto, _base in ((AutoModel, BertModel), (AutoModelForSequenceClassification, BertForSequenceClassification),
-                     (AutoModelForTokenClassification, BertForTokenClassification),
-                     (AutoModelForMaskedLM, BertForMaskedLM)):
-    _auto.register(PrunedBertConfig, _pruned_class(_base), exist_ok=True)
-BLOCK_LINEARS.setdefault(PRUNED_BERT, BLOCK_LINEARS["bert"])
+KEY = "compression.method=structured"
 
 
 @dataclass
@@ -92,62 +66,17 @@ class StructuredConfig:
                   "a count >= 0 or a list of layer indices >= 0")
 
 
-def transformer_blocks(model: nn.Module) -> nn.ModuleList:
-    """The model's list of transformer blocks (BERT `encoder.layer`, Llama `layers`)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (name.endswith("encoder.layer") or name.endswith("model.layers")
-                                                  or name == "layers"):
-            return module
-    raise UserError(f"model {type(model).__name__} has no list of transformer blocks (encoder.layer or "
-                    "model.layers); structured pruning supports BERT and Llama models")
-
-
-def _sliced(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    """A smaller Linear keeping `index` of its outputs (dim 0) or inputs (dim 1)."""
-    weight = linear.weight.detach().index_select(dim, index.to(linear.weight.device)).clone()
-    out_features, in_features = weight.shape
-    new = nn.Linear(in_features, out_features, bias=linear.bias is not None,
-                    device=weight.device, dtype=weight.dtype)
-    new.weight.data.copy_(weight)
-    if linear.bias is not None:
-        bias = linear.bias.detach()
-        new.bias.data.copy_(bias.index_select(0, index.to(bias.device)) if dim == 0 else bias)
-    new.weight.requires_grad_(linear.weight.requires_grad)
-    return new
-
-
-def _is_bert_block(block: nn.Module) -> bool:
-    return hasattr(block, "attention") and hasattr(block.attention, "self")
-
-
-def remove_heads(block: nn.Module, keep: list[int]) -> None:
-    """Keep only the heads `keep` of a BERT block's self-attention."""
-    attention = block.attention.self
-    size = attention.attention_head_size
-    index = torch.cat([torch.arange(h * size, (h + 1) * size) for h in sorted(keep)])
-    for name in ("query", "key", "value"):
-        setattr(attention, name, _sliced(getattr(attention, name), index, 0))
-    block.attention.output.dense = _sliced(block.attention.output.dense, index, 1)
-    attention.num_attention_heads = len(keep)
-    attention.all_head_size = len(keep) * size
-
-
-def _ffn(block: nn.Module) -> tuple[list[tuple[nn.Module, str]], tuple[nn.Module, str]]:
+def _ffn(block: nn.Module, arch: Architecture) -> tuple[list[tuple[nn.Module, str]], tuple[nn.Module, str]]:
     """(layers whose outputs are the neurons, layer whose inputs are the neurons) of a block."""
-    if hasattr(block, "intermediate"):
-        return [(block.intermediate, "dense")], (block.output, "dense")
-    if hasattr(block, "mlp") and hasattr(block.mlp, "gate_proj"):
-        return [(block.mlp, "gate_proj"), (block.mlp, "up_proj")], (block.mlp, "down_proj")
-    raise UserError(f"block {type(block).__name__} has no known feed-forward layout; neuron pruning supports "
-                    "BERT and Llama blocks")
+    return arch.ffn(block, KEY)
 
 
-def remove_neurons(block: nn.Module, keep: torch.Tensor) -> None:
-    ins, (out_parent, out_name) = _ffn(block)
+def remove_neurons(block: nn.Module, keep: torch.Tensor, arch: Architecture) -> None:
+    ins, (out_parent, out_name) = _ffn(block, arch)
     keep = keep.sort().values
     for parent, name in ins:
-        setattr(parent, name, _sliced(getattr(parent, name), keep, 0))
-    setattr(out_parent, out_name, _sliced(getattr(out_parent, out_name), keep, 1))
+        setattr(parent, name, sliced(getattr(parent, name), keep, 0))
+    setattr(out_parent, out_name, sliced(getattr(out_parent, out_name), keep, 1))
 
 
 def head_l1(block: nn.Module) -> torch.Tensor:
@@ -157,15 +86,16 @@ def head_l1(block: nn.Module) -> torch.Tensor:
     return score + block.attention.output.dense.weight.abs().view(-1, heads, size).sum((0, 2))
 
 
-def neuron_l1(block: nn.Module) -> torch.Tensor:
-    ins, (out_parent, out_name) = _ffn(block)
-    score = sum(getattr(parent, name).weight.abs().sum(1) for parent, name in ins)
-    return score + getattr(out_parent, out_name).weight.abs().sum(0)
+def neuron_l1(block: nn.Module, arch: Architecture) -> torch.Tensor:
+    ins, (out_parent, out_name) = _ffn(block, arch)
+    score = sum(weight_matrix(getattr(parent, name)).abs().sum(1) for parent, name in ins)
+    return score + weight_matrix(getattr(out_parent, out_name)).abs().sum(0)
 
 
 def gradient_importance(model: nn.Module, blocks: nn.ModuleList, batches: list[dict], heads: bool,
                         neurons: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Michel et al. head importance |dL/dgate| and Taylor neuron importance |a * dL/da|, summed over batches."""
+    arch = architecture(model)
     head_scores = [None] * len(blocks)
     neuron_scores = [None] * len(blocks)
     hooks, gates = [], []
@@ -184,7 +114,7 @@ def gradient_importance(model: nn.Module, blocks: nn.ModuleList, batches: list[d
 
             hooks.append(block.attention.self.register_forward_hook(gated))
         if neurons:
-            _, (out_parent, out_name) = _ffn(block)
+            _, (out_parent, out_name) = _ffn(block, arch)
 
             def taylor(module, args, i=i):
                 activation = args[0]
@@ -206,7 +136,7 @@ def gradient_importance(model: nn.Module, blocks: nn.ModuleList, batches: list[d
                     head_scores[i] = g if head_scores[i] is None else head_scores[i] + g
                     gates[i].grad = None
                 if neurons:
-                    _, (out_parent, out_name) = _ffn(block)
+                    _, (out_parent, out_name) = _ffn(block, arch)
                     down = getattr(out_parent, out_name)
                     a = down._llmk_activation
                     s = (a * a.grad).abs().flatten(0, -2).sum(0).detach()
@@ -227,23 +157,24 @@ class StructuredPruning(CompressionMethod):
     def before_fit(self, ctx) -> None:
         s = self.settings
         model = ctx.model
-        blocks = transformer_blocks(model)
+        arch = architecture(model)
+        blocks = arch.blocks
         n_blocks = len(blocks)
         drop = self._layers_to_drop(n_blocks)
         report: dict[str, Any] = {"layers_before": n_blocks}
         params_before = sum(p.numel() for p in model.parameters())
 
         if s.head_ratio > 0:
-            if not _is_bert_block(blocks[0]):
+            if not arch.family.head_removal:
                 raise UserError(f"compression.head_ratio={s.head_ratio} needs a BERT encoder; head removal is not "
-                                f"implemented for {type(blocks[0]).__name__} (use neuron_ratio or drop_layers)")
+                                f"implemented for {arch.describe()} (use neuron_ratio or drop_layers)")
             heads = blocks[0].attention.self.num_attention_heads
             removed = round(s.head_ratio * heads)
             if removed >= heads:
                 raise UserError(f"compression.head_ratio={s.head_ratio} would remove all {heads} heads of every "
                                 f"layer; allowed: a ratio below {(heads - 0.5) / heads:.3f}")
         if s.neuron_ratio > 0:
-            _ffn(blocks[0])
+            _ffn(blocks[0], arch)
 
         head_scores = neuron_scores = None
         if s.importance == "gradient" and (s.head_ratio > 0 or s.neuron_ratio > 0):
@@ -259,19 +190,19 @@ class StructuredPruning(CompressionMethod):
                     keep = score.topk(kept).indices.sort().values.tolist()
                     report["heads_removed"][str(i)] = sorted(set(range(heads)) - set(keep))
                     remove_heads(block, keep)
-                config = PrunedBertConfig(attention_heads_kept=kept, **_config_fields(model.config))
-                config._attn_implementation = model.config._attn_implementation
+                config = pruned_config(model.config, kept)
                 model.config = config
                 for module in model.modules():
                     if getattr(module, "config", None) is not None and module is not model:
                         module.config = config
             if s.neuron_ratio > 0:
-                width = model.config.intermediate_size
+                ins, _ = _ffn(blocks[0], arch)
+                width = out_features(getattr(*ins[0]))
                 kept_neurons = width - round(s.neuron_ratio * width)
                 for i, block in enumerate(blocks):
-                    score = neuron_scores[i] if neuron_scores is not None else neuron_l1(block)
-                    remove_neurons(block, score.topk(kept_neurons).indices)
-                model.config.intermediate_size = kept_neurons
+                    score = neuron_scores[i] if neuron_scores is not None else neuron_l1(block, arch)
+                    remove_neurons(block, score.topk(kept_neurons).indices, arch)
+                setattr(model.config, arch.family.ffn_width_key, kept_neurons)
                 report["neurons_per_layer"] = [width, kept_neurons]
         if drop:
             for index in sorted(drop, reverse=True):
@@ -299,10 +230,3 @@ class StructuredPruning(CompressionMethod):
             raise UserError(f"compression.drop_layers={value!r} names layers {out_of_range} that do not exist; "
                             f"allowed: indices 0..{n_blocks - 1}")
         return drop
-
-
-def _config_fields(config) -> dict[str, Any]:
-    fields = config.to_dict()
-    for key in ("model_type", "transformers_version", "architectures"):
-        fields.pop(key, None)
-    return fields

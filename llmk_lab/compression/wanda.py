@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from llmk_lab.architectures import to_weight_layout, weight_matrix
 from llmk_lab.compression import COMPRESSION
 from llmk_lab.compression.calibration import InputStatistics
 from llmk_lab.compression.masks import set_mask
@@ -32,5 +33,5 @@ def wanda_scores(weight: torch.Tensor, column_norms: torch.Tensor) -> torch.Tens
 class WandaPruning(CalibratedPruning):
     @torch.no_grad()
     def prune_layer(self, name: str, layer: nn.Module, stats: InputStatistics) -> None:
-        scores = wanda_scores(layer.weight, stats.column_norms.to(layer.weight.device))
-        set_mask(layer, keep_mask(scores, self.settings, per_row=True))
+        scores = wanda_scores(weight_matrix(layer), stats.column_norms.to(layer.weight.device))
+        set_mask(layer, to_weight_layout(layer, keep_mask(scores, self.settings, per_row=True)))

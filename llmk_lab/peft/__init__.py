@@ -6,12 +6,13 @@ one file each here. Adding one is one Python file and one YAML in `conf/peft/`.
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Optional
 
 from torch import nn
 
+from llmk_lab.architectures import (LINEAR_TYPES, architecture, head_modules, matching_modules,  # noqa: F401
+                                    name_matcher)
 from llmk_lab.errors import UserError
 from llmk_lab.registry import Registry, import_submodules
 
@@ -19,6 +20,9 @@ from llmk_lab.registry import Registry, import_submodules
 class PeftStrategy:
     # Whether the trained update can be folded into plain weights.
     mergeable: bool = True
+    # Which of the model's own (pretrained) weights train: "all", "some" (chosen by a setting), or "none".
+    # Methods that prune while weights train need "all" (or targets among "some"); plan() checks.
+    trains_base_weights: str = "none"
 
     def __init__(self, settings: Any):
         self.settings = settings
@@ -48,10 +52,16 @@ PEFT: Registry[PeftStrategy] = Registry("peft")
 
 
 def head_parameter_names(model: nn.Module, task) -> list[str]:
-    """Parameters of the task head (always trained)."""
-    names = [n for n, _ in model.named_parameters() if n.split(".")[0] in task.head_modules]
+    """Parameters of the task head (always trained): the task's head modules and the family's extra ones.
+
+    A head tied to the input embeddings (causal LMs) shares their tensor, which carries the
+    embeddings' name: training that head trains the embeddings, as tying means."""
+    heads = head_modules(model, task.head_modules)
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    names = sorted({canonical[id(p)] for name, module in model.named_children() if name in heads
+                    for p in module.parameters()})
     if not names:
-        raise UserError(f"model {type(model).__name__} has no task head named one of {task.head_modules}")
+        raise UserError(f"model {type(model).__name__} has no task head named one of {heads}")
     return names
 
 
@@ -60,52 +70,30 @@ def train_only(model: nn.Module, trainable: set[str]) -> None:
         param.requires_grad_(name in trainable)
 
 
-def name_matcher(target_modules: Any):
-    """peft's matching rule for `target_modules`: a regex fully matching the module name, or a list of
-    names / dotted suffixes (`value` matches `...attention.self.value`)."""
-    if isinstance(target_modules, str):
-        return lambda name: re.fullmatch(target_modules, name) is not None
-    targets = [str(t) for t in target_modules]
-    return lambda name: any(name == t or name.endswith("." + t) for t in targets)
-
-
 def resolve_targets(model: nn.Module, target_modules: Optional[Any], default: Optional[str] = None,
                     key: str = "peft.target_modules", kinds: Optional[tuple[type, ...]] = None) -> Any:
-    """The user's targets, or the architecture's default regex, after checking that they match a layer.
-
-    peft would otherwise fail late with a long message, or (for some methods) silently adapt nothing.
-    """
-    from transformers.pytorch_utils import Conv1D
-
-    from llmk_lab.models import block_linear_pattern
-
-    kinds = kinds or (nn.Linear, nn.Embedding, Conv1D)  # the layer types peft's LoRA/IA3 adapt
+    """The user's targets, or `default` (an architecture default; null: the block linears), after checking
+    that they match a layer. peft would otherwise fail late with a long message, or (for some methods)
+    silently adapt nothing."""
+    kinds = kinds or (*LINEAR_TYPES, nn.Embedding)  # the layer types peft's LoRA/IA3 adapt
     if target_modules is None:
-        value: Any = default if default is not None else block_linear_pattern(model)
+        value: Any = default if default is not None else architecture(model).block_linears()
     else:
         value = target_modules if isinstance(target_modules, str) else [str(t) for t in target_modules]
         if not value:
             raise UserError(f"{key}=[] is not allowed: give a regex over module names or a list of name suffixes")
-    match = name_matcher(value)
-    if not any(match(name) for name, module in model.named_modules() if isinstance(module, kinds)):
+    if not matching_modules(model, value, kinds):
+        arch_linears = architecture(model).linears if target_modules is not None else ()
+        hint = f" (the block linears are {list(arch_linears)})" if arch_linears else ""
         raise UserError(f"{key}={target_modules if target_modules is not None else value!r} matches no "
                         f"{'/'.join(k.__name__ for k in kinds)} layer of {type(model).__name__}; give a regex "
-                        "over module names or a list of name suffixes (e.g. ['query', 'value'] for BERT, "
-                        "['q_proj', 'v_proj'] for Llama)")
+                        f"over module names or a list of names / dotted suffixes{hint}")
     return value
 
 
 def transformer_layers(model: nn.Module) -> nn.ModuleList:
-    """The stack of transformer blocks (BERT: `encoder.layer`, Llama: `layers`)."""
-    from llmk_lab.models import block_linear_pattern
-
-    block_linear_pattern(model)  # refuses architectures we have no names for, in one line
-    candidates = [(name, m) for name, m in model.named_modules()
-                  if isinstance(m, nn.ModuleList) and re.search(r"(^|\.)(encoder\.layer|layers)$", name)]
-    if len(candidates) != 1:
-        raise UserError(f"cannot find the transformer blocks of {type(model).__name__} "
-                        f"(found {[n for n, _ in candidates]})")
-    return candidates[0][1]
+    """The stack of transformer blocks (`llmk_lab.architectures`)."""
+    return architecture(model).blocks
 
 
 def save_trained_tensors(model: nn.Module, directory: Path, config: dict[str, Any]) -> bool:

@@ -20,7 +20,7 @@ from peft import AdaLoraConfig
 
 from llmk_lab.compression.masks import MASK, masked_update_forward
 from llmk_lab.errors import UserError, check
-from llmk_lab.models import low_rank_update_pattern
+from llmk_lab.architectures import architecture
 from llmk_lab.peft import PEFT, resolve_targets
 from llmk_lab.peft.lora import PeftLibraryStrategy, wrap
 
@@ -148,7 +148,7 @@ class AdaLoRA(PeftLibraryStrategy):
             task_type=ctx.task.peft_task_type, init_r=s.init_r, target_r=s.target_r, tinit=s.tinit,
             tfinal=s.tfinal, deltaT=s.deltaT, beta1=s.beta1, beta2=s.beta2, orth_reg_weight=s.orth_reg_weight,
             lora_alpha=s.alpha, lora_dropout=s.dropout,
-            target_modules=resolve_targets(model, s.target_modules, default=low_rank_update_pattern(model)),
+            target_modules=resolve_targets(model, s.target_modules, default=architecture(model).low_rank_update_targets(model)),
             # peft wants the step count now; the trainer knows it only at fit start, where
             # RankAllocation sets the real one. This placeholder only passes peft's check.
             total_step=s.tinit + s.tfinal + 1,

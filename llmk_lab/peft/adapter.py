@@ -11,10 +11,11 @@ Trainable parameters per adapter of width d and bottleneck b: 2 d b + b + d;
 two adapters per layer; plus 2 d per trained LayerNorm (d for RMSNorm); plus
 the task head.
 
-Placement per architecture: BERT `attention.output.dense` and `output.dense`
-(their outputs go through dropout, the residual sum and LayerNorm); Llama
-`self_attn.o_proj` and `mlp.down_proj` (their outputs are added to the residual
-stream). Not mergeable: f is nonlinear, so the adapter cannot be folded into W.
+Placement comes from the architecture map (`llmk_lab.architectures`): the
+attention output and feed-forward output projections, e.g. BERT
+`attention.output.dense` and `output.dense` (their outputs go through dropout,
+the residual sum and LayerNorm), Llama `self_attn.o_proj` and `mlp.down_proj`
+(their outputs are added to the residual stream). Not mergeable: f is nonlinear, so the adapter cannot be folded into W.
 """
 from __future__ import annotations
 
@@ -26,18 +27,10 @@ import torch
 from torch import nn
 
 from llmk_lab.errors import UserError, check
-from llmk_lab.peft import (PEFT, PeftStrategy, head_parameter_names, load_trained_tensors, name_matcher,
-                           resolve_targets, save_trained_tensors, train_only)
+from llmk_lab.architectures import LINEAR_TYPES, architecture, matching_modules, out_features
+from llmk_lab.peft import (PEFT, PeftStrategy, head_parameter_names, load_trained_tensors, resolve_targets,
+                           save_trained_tensors, train_only)
 
-ADAPTER_SITES = {
-    "bert": r".*\.layer\.\d+\.(attention\.output\.dense|output\.dense)$",
-    "llama": r".*\.layers\.\d+\.(self_attn\.o_proj|mlp\.down_proj)$",
-}
-# Norms of the adapted blocks (BERT: post-sublayer LayerNorm; Llama: the blocks' pre-norms).
-BLOCK_NORMS = {
-    "bert": r".*\.layer\.\d+\.(attention\.output\.LayerNorm|output\.LayerNorm)$",
-    "llama": r".*\.layers\.\d+\.(input_layernorm|post_attention_layernorm)$",
-}
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 ADAPTER = "bottleneck_adapter"
 
@@ -85,18 +78,14 @@ def _apply_adapter(module: nn.Module, inputs, output):
 
 
 def insert_adapters(model: nn.Module, settings: AdapterSettings) -> list[str]:
-    model_type = getattr(model.config, "model_type", None)
-    default = ADAPTER_SITES.get(model_type)
-    if settings.target_modules is None and default is None:
-        raise UserError(f"peft=adapter has no default placement for model type {model_type!r}; set "
-                        f"peft.target_modules (known types: {sorted(ADAPTER_SITES)})")
-    targets = resolve_targets(model, settings.target_modules, default=default, kinds=(nn.Linear,))
-    match = name_matcher(targets)
-    sites = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and match(name)]
+    # Attention output and feed-forward output projection of every block, from the architecture map.
+    default = architecture(model).adapter_sites() if settings.target_modules is None else None
+    targets = resolve_targets(model, settings.target_modules, default=default, kinds=LINEAR_TYPES)
+    sites = list(matching_modules(model, targets, LINEAR_TYPES).items())
     for _, linear in sites:
         if hasattr(linear, ADAPTER):
             raise UserError("peft=adapter: the model already has bottleneck adapters")
-        adapter = BottleneckAdapter(linear.out_features, settings.bottleneck, settings.activation,
+        adapter = BottleneckAdapter(out_features(linear), settings.bottleneck, settings.activation,
                                     settings.init_std).to(linear.weight.device, linear.weight.dtype)
         linear.add_module(ADAPTER, adapter)
         linear.register_forward_hook(_apply_adapter)
@@ -104,11 +93,9 @@ def insert_adapters(model: nn.Module, settings: AdapterSettings) -> list[str]:
 
 
 def norm_parameter_names(model: nn.Module) -> list[str]:
-    pattern = BLOCK_NORMS.get(getattr(model.config, "model_type", None))
-    if pattern is None:
-        return []
-    match = name_matcher(pattern)
-    return [f"{module_name}.{p}" for module_name, module in model.named_modules() if match(module_name)
+    """Parameters of the blocks' norms (BERT: post-sublayer LayerNorms; pre-norm decoders: the blocks' norms)."""
+    norms = set(architecture(model).block_norm_names(model))
+    return [f"{module_name}.{p}" for module_name, module in model.named_modules() if module_name in norms
             for p, _ in module.named_parameters(recurse=False)]
 
 

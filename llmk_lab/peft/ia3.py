@@ -12,16 +12,10 @@ from typing import Any, Optional
 
 from peft import IA3Config
 
+from llmk_lab.architectures import architecture
 from llmk_lab.errors import UserError
 from llmk_lab.peft import PEFT, name_matcher, resolve_targets
 from llmk_lab.peft.lora import PeftLibraryStrategy, wrap
-
-# Per architecture: (targets, the subset whose *input* is scaled: the feed-forward down-projection).
-# BERT's `layer.N.output.dense` is the FFN down-projection; `attention.output.dense` is not targeted.
-IA3_DEFAULTS = {
-    "bert": (r".*\.layer\.\d+\.(attention\.self\.(key|value)|output\.dense)$", r".*\.layer\.\d+\.output\.dense$"),
-    "llama": (r".*\.layers\.\d+\.(self_attn\.(k_proj|v_proj)|mlp\.down_proj)$", r".*\.layers\.\d+\.mlp\.down_proj$"),
-}
 
 
 @dataclass
@@ -40,11 +34,8 @@ class IA3Settings:
 class IA3(PeftLibraryStrategy):
     def apply(self, model, ctx):
         s = self.settings
-        model_type = getattr(model.config, "model_type", None)
-        default_targets, default_ff = IA3_DEFAULTS.get(model_type, (None, None))
-        if s.target_modules is None and default_targets is None:
-            raise UserError(f"model type {model_type!r} has no default IA3 targets; set peft.target_modules "
-                            f"and peft.feedforward_modules (known types: {sorted(IA3_DEFAULTS)})")
+        # Keys, values and the feed-forward down-projection of every block, from the architecture map.
+        default_targets, default_ff = architecture(model).ia3_targets() if s.target_modules is None else (None, None)
         targets = resolve_targets(model, s.target_modules, default=default_targets)
         if s.feedforward_modules is not None:
             feedforward = s.feedforward_modules if isinstance(s.feedforward_modules, str) \

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from peft import LoraConfig, get_peft_model
 
 from llmk_lab.errors import UserError, check
-from llmk_lab.models import low_rank_update_pattern
+from llmk_lab.architectures import architecture
 from llmk_lab.peft import PEFT, PeftStrategy, resolve_targets
 
 
@@ -70,7 +70,7 @@ class LoRA(PeftLibraryStrategy):
         s = self.settings
         config = LoraConfig(
             task_type=ctx.task.peft_task_type, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
-            target_modules=resolve_targets(model, s.target_modules, default=low_rank_update_pattern(model)),
+            target_modules=resolve_targets(model, s.target_modules, default=architecture(model).low_rank_update_targets(model)),
             use_rslora=s.use_rslora,
             use_dora=s.use_dora, bias=s.bias,
         )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llmk_lab.architectures import architecture
 from llmk_lab.errors import UserError, check
 from llmk_lab.peft import (PEFT, PeftStrategy, head_parameter_names, save_trained_tensors, train_only,
                            transformer_layers)
@@ -44,9 +45,9 @@ class TopLayers(SubsetStrategy):
 
     @staticmethod
     def _above_blocks(model):
-        """Parameters between the last block and the head: BERT's pooler, Llama's final norm."""
-        return [n for n, _ in model.named_parameters()
-                if n.split(".")[1:2] in (["pooler"], ["norm"]) or n.startswith(("pooler.", "norm."))]
+        """Parameters between the last block and the head: BERT's pooler, a decoder's final norm."""
+        above = tuple(architecture(model).above_blocks(model))
+        return [n for n, _ in model.named_parameters() if n.startswith(tuple(f"{m}." for m in above))]
 
 
 @dataclass
