@@ -18,6 +18,7 @@ from llmk_lab import register_all
 from llmk_lab.config_errors import HELP_FLAGS as _HELP_FLAGS, help_text, install as _report_config_errors_in_one_line
 from llmk_lab.errors import UserError
 from llmk_lab.manifest import write_json
+from llmk_lab.registry import check_values_lightly
 from llmk_lab.sweep import completed_metrics, config_fingerprint, job_name, mark_completed, sweep_group
 
 log = logging.getLogger("llmk_lab")
@@ -52,8 +53,6 @@ def run_job(cfg: DictConfig) -> float:
     directory removed when it holds nothing but what this run just wrote.
     In a multirun a failing job is recorded in `failed.json` and the sweep goes on.
     """
-    from llmk_lab.run import run  # heavy imports after Hydra has parsed the command line
-
     _quiet_library_chatter()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -72,6 +71,9 @@ def run_job(cfg: DictConfig) -> float:
         for stale in ("metrics.json", "failed.json"):
             (run_dir / stale).unlink(missing_ok=True)
     try:
+        check_values_lightly(cfg)  # a bad value is refused in a fraction of a second, before torch is imported
+        from llmk_lab.run import run  # heavy imports only once the config's values are known to be good
+
         metrics = run(cfg, run_dir, run_name=name, group=group, overrides=overrides)
         mark_completed(run_dir, fingerprint)
     except (UserError, Exception) as err:  # noqa: B014  (UserError first: it is the expected case)

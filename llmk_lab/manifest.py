@@ -13,8 +13,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 PACKAGES = ("llmk_lab", "torch", "transformers", "peft", "pytorch-lightning", "hydra-core", "omegaconf",
             "torchmetrics", "wandb", "safetensors", "tokenizers", "torchao", "datasets", "seqeval")
 
@@ -44,6 +42,8 @@ def package_versions() -> dict[str, str | None]:
 
 
 def hardware() -> dict[str, Any]:
+    import torch  # here, not at the top: the command line imports this module before any run starts
+
     info = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda_available": torch.cuda.is_available()}

@@ -42,7 +42,7 @@ class TaskModule(pl.LightningModule):
         return loss
 
     def _eval_step(self, stage: str, batch) -> None:
-        outputs = self(batch)
+        outputs = self.task.eval_outputs(self.model, batch)
         self.task.update_metrics(self.metrics[stage], batch, outputs)
         self.log(f"{stage}/loss", outputs.loss, on_epoch=True, batch_size=len(batch["input_ids"]))
 

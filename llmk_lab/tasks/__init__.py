@@ -43,6 +43,11 @@ class Task:
     def metrics(self) -> MetricCollection:
         raise NotImplementedError
 
+    def eval_outputs(self, model, batch: dict) -> Any:
+        """The model's outputs on an evaluation batch; `update_metrics` and the logged `loss` read them.
+        A task may compute them more frugally (causal LM: the loss without the whole batch's logits)."""
+        return model(**batch)
+
     def update_metrics(self, metrics: MetricCollection, batch: dict, outputs: Any) -> None:
         raise NotImplementedError
 

@@ -41,17 +41,79 @@ class TokenNLL(Metric):
         self.add_state("nll_sum", default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("tokens", default=torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, logits: torch.Tensor, labels: torch.Tensor, shift: bool = True) -> None:
+    def update(self, logits: torch.Tensor | None = None, labels: torch.Tensor | None = None, shift: bool = True,
+               nll_sum: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> None:
+        """From logits and labels, or from sums computed elsewhere (`nll_sum`, `tokens`: see `chunked_token_nll`)."""
+        if nll_sum is not None:
+            self.nll_sum += nll_sum.double()
+            self.tokens += tokens
+            return
         if shift:
             logits, labels = logits[:, :-1], labels[:, 1:]
-        scored = labels != -100
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                                ignore_index=-100, reduction="sum")
-        self.nll_sum += nll.double()
-        self.tokens += scored.sum()
+        # One sequence at a time: the float copy and log-softmax of cross_entropy then cost one
+        # sequence x vocab, not batch x length x vocab.
+        for row_logits, row_labels in zip(logits, labels):
+            self.nll_sum += torch.nn.functional.cross_entropy(row_logits.float(), row_labels, ignore_index=-100,
+                                                              reduction="sum").double()
+            self.tokens += (row_labels != -100).sum()
 
     def compute(self) -> torch.Tensor:
         return torch.exp(self.nll_sum / self.tokens.clamp(min=1))
+
+
+# Positions scored per lm_head call in evaluation: the logits held at once are this x vocab
+# (SmolLM2: 1024 x 49,152 x 4 bytes = 200 MB) whatever the eval batch size and window length.
+EVAL_CHUNK_TOKENS = 1024
+
+
+@dataclass
+class ChunkedLMOutput:
+    """What `CausalLM.eval_outputs` returns: the summed token NLL instead of the logits."""
+    loss: torch.Tensor  # mean NLL of the scored tokens, what the module logs as `<stage>/loss`
+    nll_sum: torch.Tensor
+    tokens: torch.Tensor
+    logits: None = None
+
+
+def _final_hidden_states(model, head: torch.nn.Module, inputs: dict) -> torch.Tensor:
+    """Run `model` with its output layer replaced by one that records its input (the final hidden
+    states) and returns a 1-wide placeholder, so the batch x length x vocab logits are never formed.
+    Works through PEFT wrappers and for any architecture whose logits are `head(hidden)`."""
+    captured: list[torch.Tensor] = []
+    own_forward = head.__dict__.get("forward")  # a forward patched onto the instance (e.g. masked layers)
+
+    def record(hidden, *args, **kwargs):
+        captured.append(hidden)
+        return hidden.new_zeros(*hidden.shape[:-1], 1)
+
+    head.forward = record
+    try:
+        model(**inputs)
+    finally:
+        if own_forward is None:
+            del head.forward
+        else:
+            head.forward = own_forward
+    if len(captured) != 1:
+        raise RuntimeError(f"the output layer ran {len(captured)} times in one forward; expected once")
+    return captured[0]
+
+
+def chunked_token_nll(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                      chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token NLL and scored-token count from the final hidden states, `chunk` positions
+    per call of the output layer (labels -100 are not scored; position t predicts token t+1)."""
+    chunk = chunk or EVAL_CHUNK_TOKENS
+    hidden = hidden[:, -labels.shape[1]:]  # prompt tuning puts virtual tokens in front of the input
+    targets = labels[:, 1:].reshape(-1)
+    scored = targets != -100
+    states = hidden[:, :-1].reshape(-1, hidden.shape[-1])[scored]
+    targets = targets[scored]
+    nll = hidden.new_zeros((), dtype=torch.float64)
+    for start in range(0, len(targets), chunk):
+        logits = head(states[start:start + chunk]).float()
+        nll += torch.nn.functional.cross_entropy(logits, targets[start:start + chunk], reduction="sum").double()
+    return nll, scored.sum()
 
 
 def token_windows(ids: list[int], seqlen: int) -> list[list[int]]:
@@ -118,8 +180,22 @@ class CausalLM(Task):
     def metrics(self):
         return MetricCollection({"perplexity": TokenNLL()})
 
+    def eval_outputs(self, model, batch):
+        """Evaluation loss without the whole batch's logits (see `EVAL_CHUNK_TOKENS`)."""
+        head = model.get_output_embeddings()
+        # Logit soft-capping (Gemma 2) happens after the output layer: score such models the plain way.
+        if head is None or getattr(getattr(model, "config", None), "final_logit_softcapping", None):
+            return model(**batch)
+        labels = batch["labels"]
+        hidden = _final_hidden_states(model, head, {k: v for k, v in batch.items() if k != "labels"})
+        nll_sum, tokens = chunked_token_nll(head, hidden, labels)
+        return ChunkedLMOutput(loss=(nll_sum / tokens.clamp(min=1)).float(), nll_sum=nll_sum, tokens=tokens)
+
     def update_metrics(self, metrics, batch, outputs):
-        metrics.update(outputs.logits, batch["labels"])
+        if isinstance(outputs, ChunkedLMOutput):
+            metrics["perplexity"].update(nll_sum=outputs.nll_sum, tokens=outputs.tokens)
+        else:
+            metrics["perplexity"].update(outputs.logits, batch["labels"])
 
     def compute_metrics(self, metrics):
         perplexity = float(metrics["perplexity"].compute())  # synced across processes under DDP
