@@ -28,6 +28,9 @@ class ModelConfig:
     revision: Optional[str] = None
     # Running code shipped with a hub model is opt-in.
     trust_remote_code: bool = False
+    # Name of the module list holding the transformer blocks (e.g. `model.layers`), for
+    # models whose block list llmk_lab cannot find from their structure (null: discover it).
+    blocks: Optional[str] = None
 
     def __post_init__(self) -> None:
         check(bool(self.name_or_path) or self.from_config is not None, "name_or_path", self.name_or_path,
