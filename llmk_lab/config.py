@@ -212,6 +212,9 @@ class ExportConfig:
     # The adapted model with adapters merged into plain weights, loadable with
     # `from_pretrained` (only for strategies that can be merged).
     merged: bool = False
+    # model/: the final model as a plain transformers folder (adapter merged where possible, zeros kept)
+    # and reference/: the run's outputs on its test split; written only when reloading reproduces the run.
+    model: bool = True
 
 
 @dataclass

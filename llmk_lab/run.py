@@ -121,6 +121,10 @@ def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict
         ctx.tokenizer.save_pretrained(run_dir / "merged")
         written["merged"] = str(run_dir / "merged")
         ctx.reports["export/merged_max_logit_diff"] = merged_logit_gap(ctx, run_dir / "merged")
+    if settings.export.model:
+        from llmk_lab.export import export_model  # model/ and reference/, each checked against the run
+
+        written.update(export_model(ctx, strategy))
     return written
 
 

@@ -1,0 +1,346 @@
+"""A run's final model as folders anyone can load, each checked against what the run predicted.
+
+At the end of a run (`export.model=true`, the default) three things go into the run directory:
+
+- `model/`: the final model as a plain Hugging Face folder (`from_pretrained`, no llmk_lab needed):
+  the adapter merged where it can be, pruned structure and zeros kept, with the tokenizer and
+  `llmk_lab.json` (task, labels, the run's `data.max_length`). Written only when reloading it with
+  plain transformers reproduces the run's predictions; otherwise the reason goes to `metrics.json`
+  (`export/model`), e.g. int8 modules or adapters that transformers cannot rebuild.
+- `reference/test.safetensors`: the run's own outputs on (up to `REFERENCE_EXAMPLES` of) its test
+  split and the token ids they came from, so any later export (ONNX) or comparison is checked
+  against the run with nothing but the run directory.
+- in `metrics.json`: `export/model_agreement` (share of identical predictions after reloading),
+  `export/model_max_abs_diff`, and the zero fraction of the linear layers before and after.
+
+`python -m llmk_lab.export RUN_DIR [--onnx]` checks `model/` again, and writes and checks
+`onnx/model.onnx` for classification runs (onnxruntime, the `onnx` extra).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from llmk_lab.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+ONNX_DIR = "onnx"
+INFO_FILE = "llmk_lab.json"
+REFERENCE_FILE = Path("reference") / "test.safetensors"
+# Test examples whose outputs the run keeps (classification and NER: the default test split is 1,000);
+# causal LM: windows, each scored by its mean token NLL.
+REFERENCE_EXAMPLES = 1000
+REFERENCE_WINDOWS = 16
+# Tasks whose outputs the reference stores and predictions are checked on.
+CHECKED_TASKS = ("sequence_classification", "token_classification", "causal_lm")
+ONNX_TASKS = ("sequence_classification",)
+INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+# ----------------------------------------------------------------------------- what the run predicted
+
+def reference_inputs(task, tokenizer, examples: list[dict], limit: Optional[int] = None) -> dict:
+    """The first `limit` test examples as one padded batch of tensors (with their labels)."""
+    import torch
+
+    if limit is None:
+        limit = REFERENCE_WINDOWS if task.registered_name == "causal_lm" else REFERENCE_EXAMPLES
+    examples = examples[:limit]
+    if task.registered_name == "causal_lm":
+        ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    features = [{k: e[k] for k in INPUT_KEYS if k in e} for e in examples]
+    batch = dict(tokenizer.pad(features, padding="longest", return_tensors="pt"))
+    width = batch["input_ids"].shape[1]
+    labels = []
+    for e in examples:
+        label = e.get("labels")
+        if isinstance(label, (list, tuple)) or getattr(label, "ndim", 0):  # per token: pad with -100
+            label = list(label) + [-100] * (width - len(label))
+        labels.append(label)
+    batch["labels"] = torch.tensor(labels)
+    return {k: v for k, v in batch.items() if k in (*INPUT_KEYS, "labels")}
+
+
+def model_outputs(model, task_name: str, inputs: dict, batch_size: int = 64):
+    """Logits (classification, NER) or mean token NLL per window (causal LM), on CPU, in batches."""
+    import torch
+
+    model = model.eval()
+    device = next(model.parameters()).device
+    feed = {k: v for k, v in inputs.items() if k in INPUT_KEYS}
+    if task_name == "causal_lm":
+        batch_size = 1  # windows are long and the vocabulary large: one window's logits at a time
+    outputs = []
+    with torch.inference_mode():
+        for start in range(0, len(feed["input_ids"]), batch_size):
+            batch = {k: v[start:start + batch_size].to(device) for k, v in feed.items()}
+            logits = model(**batch).logits.float()
+            if task_name == "causal_lm":
+                ids = batch["input_ids"]
+                logits = logits[:, -ids.shape[1]:]  # prompt tuning puts virtual tokens in front
+                nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
+                                                        reduction="none").mean(-1)
+                outputs.append(nll.double().cpu())
+            else:
+                outputs.append(logits.cpu())
+    return torch.cat(outputs)
+
+
+def agreement(task_name: str, ours, theirs, labels=None) -> dict[str, float]:
+    """How far two models' outputs on the same inputs are apart: identical predictions, largest difference."""
+    import torch
+
+    if task_name == "causal_lm":
+        return {"agreement": float(torch.isclose(ours, theirs, rtol=1e-4, atol=1e-5).double().mean()),
+                "max_abs_diff": float((ours - theirs).abs().max())}
+    same = ours.argmax(-1) == theirs.argmax(-1)
+    if task_name == "token_classification" and labels is not None:
+        same = same[labels != -100]  # the words' first sub-tokens: where a tag is read
+    return {"agreement": float(same.double().mean()), "max_abs_diff": float((ours - theirs).abs().max())}
+
+
+def save_reference(run_dir: Path, inputs: dict, outputs, task_name: str) -> Path:
+    from safetensors.torch import save_file
+
+    path = run_dir / REFERENCE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.contiguous() for k, v in inputs.items()}
+    tensors["outputs"] = outputs.contiguous()
+    save_file(tensors, str(path), metadata={"task": task_name})
+    return path
+
+
+def load_reference(run_dir: Path) -> tuple[dict, Any]:
+    from safetensors.torch import load_file
+
+    path = Path(run_dir) / REFERENCE_FILE
+    if not path.exists():
+        raise UserError(f"{run_dir}: no {REFERENCE_FILE} (the run's own test outputs); it was written by a run "
+                        "before exports existed, or the run did not finish: run it again")
+    tensors = load_file(str(path))
+    outputs = tensors.pop("outputs")
+    return tensors, outputs
+
+
+# ----------------------------------------------------------------------------- sparsity
+
+def linear_sparsity(model) -> dict[str, Any]:
+    """Zero fraction of every `nn.Linear` weight and over all of them: pruning's zeros must survive a reload."""
+    import torch
+
+    per_layer, zeros, total = {}, 0, 0
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):  # plain float weights: quantised models are not exported
+            weight = module.weight.detach()
+            z = int((weight == 0).sum())
+            per_layer[name] = z / weight.numel()
+            zeros, total = zeros + z, total + weight.numel()
+    return {"overall": zeros / total if total else 0.0, "per_layer": per_layer}
+
+
+# ----------------------------------------------------------------------------- the HF folder
+
+def task_info(task, data_cfg, extra: Optional[dict] = None) -> dict[str, Any]:
+    return {"task": task.registered_name, "labels": list(task.labels) if task.labels else None,
+            "max_length": int(data_cfg.max_length), "text_pair": data_cfg.text_pair_column is not None,
+            "auto_class": task.auto_class.__name__, **(extra or {})}
+
+
+def _not_exportable(model) -> Optional[str]:
+    """Why `from_pretrained` could not rebuild this model, or None."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return f"the final model is a {type(model).__name__}, not a transformers model (an adapter that is not merged)"
+    for name, module in model.named_modules():
+        if hasattr(module, "_packed_params") or any(
+                type(p) not in (__import__("torch").Tensor, __import__("torch").nn.Parameter)
+                for p in module.parameters(recurse=False)):
+            return f"{name} holds quantised weights, which save_pretrained/from_pretrained do not round-trip"
+    return None
+
+
+def export_model(ctx, strategy) -> dict[str, str]:
+    """Write `model/` and the test reference at the end of a run; figures go to `ctx.reports`."""
+    import torch
+
+    from llmk_lab.measure import deployable
+
+    run_dir, task = ctx.run_dir, ctx.task
+    written: dict[str, str] = {}
+    checked = task.registered_name in CHECKED_TASKS
+    trained = ctx.model
+    if checked:
+        inputs = reference_inputs(task, ctx.tokenizer, ctx.datamodule.splits["test"])
+        was_training = trained.training
+        ours = model_outputs(trained, task.registered_name, inputs, ctx.settings.train.eval_batch_size)
+        trained.train(was_training)
+        written["reference"] = str(save_reference(run_dir, inputs, ours, task.registered_name))
+    final = deployable(trained, strategy if strategy.mergeable else None)
+    try:  # transformers' format has no cross-layer sharing: each block saves its own copy
+        from llmk_lab.compression.weight_sharing import untie_shared_weights
+    except ImportError:
+        untie_shared_weights = None
+    if untie_shared_weights is not None:
+        untie_shared_weights(final)
+    reason = _not_exportable(final)
+    if reason is not None:
+        ctx.reports["export/model"] = f"not written: {reason}"
+        log.info("no model/ export: %s", reason)
+        return written
+    dest = run_dir / MODEL_DIR
+    final.save_pretrained(dest, safe_serialization=True)
+    ctx.tokenizer.save_pretrained(dest)
+    before = linear_sparsity(final)
+    (dest / INFO_FILE).write_text(json.dumps(task_info(task, ctx.settings.data, {
+        "linear_sparsity": before["overall"]}), indent=2) + "\n")
+    reloaded = task.auto_class.from_pretrained(dest, dtype=torch.float32)
+    after = linear_sparsity(reloaded)
+    ctx.reports["export/model_sparsity_before"] = before["overall"]
+    ctx.reports["export/model_sparsity_after"] = after["overall"]
+    if checked:
+        figures = agreement(task.registered_name, ours, model_outputs(reloaded, task.registered_name, inputs),
+                            inputs.get("labels"))
+        ctx.reports.update({f"export/model_{k}": v for k, v in figures.items()})
+        if figures["agreement"] < 1.0 or after["overall"] != before["overall"]:
+            shutil.rmtree(dest)
+            ctx.reports["export/model"] = (f"not written: reloading it agreed with the run on "
+                                           f"{figures['agreement']:.1%} of test predictions (sparsity "
+                                           f"{before['overall']:.4f} -> {after['overall']:.4f})")
+            log.warning("model/ export removed: %s", ctx.reports["export/model"])
+            return written
+    ctx.reports["export/model"] = str(dest)
+    written["model"] = str(dest)
+    return written
+
+
+# ----------------------------------------------------------------------------- checks from the command line
+
+def read_info(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / INFO_FILE
+    if not path.exists():
+        raise UserError(f"{folder}: no {INFO_FILE}; give a finished run directory or its {MODEL_DIR}/ folder")
+    return json.loads(path.read_text())
+
+
+def finished_model_dir(path: Path) -> Path:
+    """The `model/` folder of a finished run directory (or `path` itself when it is such a folder)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UserError(f"{path}: no such run directory or model folder")
+    if (path / INFO_FILE).exists():
+        return path
+    failed = path / "failed.json"
+    if failed.exists():
+        error = json.loads(failed.read_text()).get("error", "")
+        raise UserError(f"{path}: the run failed ({error}); there is no model to use")
+    metrics_path = path / "metrics.json"
+    if not metrics_path.exists():
+        raise UserError(f"{path}: not a finished run directory (no metrics.json; the run is incomplete or "
+                        "still running)")
+    metrics = json.loads(metrics_path.read_text())
+    if metrics.get("failed_stage"):
+        raise UserError(f"{path}: the run stopped in stage {metrics['failed_stage']!r} ({metrics.get('error', '')})")
+    if not (path / MODEL_DIR / INFO_FILE).exists():
+        reason = metrics.get("export/model", "the run was made before model exports existed")
+        raise UserError(f"{path}: no {MODEL_DIR}/ export ({reason})")
+    return path / MODEL_DIR
+
+
+def check_model_dir(run_dir: Path) -> dict[str, float]:
+    """Reload `model/` with plain transformers and compare with the run's reference outputs."""
+    import torch
+    import transformers
+
+    folder = finished_model_dir(run_dir)
+    info = read_info(folder)
+    model = getattr(transformers, info["auto_class"]).from_pretrained(folder, dtype=torch.float32)
+    inputs, reference = load_reference(folder.parent)
+    figures = agreement(info["task"], reference, model_outputs(model, info["task"], inputs), inputs.get("labels"))
+    figures["sparsity"] = linear_sparsity(model)["overall"]
+    figures["sparsity_recorded"] = info.get("linear_sparsity")
+    return figures
+
+
+def export_onnx(run_dir: Path, opset: int = 17) -> Path:
+    """`onnx/model.onnx` of a classification run's `model/`, with its tokenizer and `llmk_lab.json`."""
+    import torch
+    import transformers
+
+    folder = finished_model_dir(run_dir)
+    info = read_info(folder)
+    if info["task"] not in ONNX_TASKS:
+        raise UserError(f"{run_dir}: ONNX export is for {', '.join(ONNX_TASKS)} runs; this one is {info['task']}")
+    model = getattr(transformers, info["auto_class"]).from_pretrained(folder, dtype=torch.float32).eval()
+    model.config.return_dict = False  # a tuple output traces to a plain ONNX graph
+    inputs, _ = load_reference(folder.parent)
+    names = [k for k in INPUT_KEYS if k in inputs]
+    example = tuple(inputs[k][:2] for k in names)
+    dest = folder.parent / ONNX_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    dynamic = {k: {0: "batch", 1: "sequence"} for k in names}
+    dynamic["logits"] = {0: "batch"}
+    # The TorchScript exporter (dynamo=False) needs no extra package beyond onnx and handles BERT/Llama heads.
+    torch.onnx.export(model, example, str(dest / "model.onnx"), input_names=names, output_names=["logits"],
+                      dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    for item in folder.iterdir():  # tokenizer files and llmk_lab.json, so the folder stands alone
+        if item.is_file() and not item.name.endswith((".safetensors", ".bin")) and item.name != "config.json":
+            shutil.copy2(item, dest / item.name)
+    shutil.copy2(folder / "config.json", dest / "config.json")
+    return dest / "model.onnx"
+
+
+def check_onnx(run_dir: Path) -> dict[str, float]:
+    """Labels of the ONNX model under onnxruntime against the run's own, on the reference test inputs."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise UserError("checking the ONNX export needs onnxruntime: pip install 'llmk_lab[onnx]'") from None
+    import numpy as np
+    import torch
+
+    folder = finished_model_dir(run_dir)
+    session = onnxruntime.InferenceSession(str(folder.parent / ONNX_DIR / "model.onnx"),
+                                           providers=["CPUExecutionProvider"])
+    inputs, reference = load_reference(folder.parent)
+    wanted = [i.name for i in session.get_inputs()]
+    logits = []
+    for start in range(0, len(inputs["input_ids"]), 64):
+        feed = {k: inputs[k][start:start + 64].numpy().astype(np.int64) for k in wanted}
+        logits.append(torch.from_numpy(session.run(["logits"], feed)[0]))
+    return agreement("sequence_classification", reference, torch.cat(logits))
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmk_lab.export",
+                                     description="Check a finished run's model/ export against the run's own test "
+                                                 "predictions; --onnx also writes and checks onnx/model.onnx.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--onnx", action="store_true", help="write onnx/model.onnx (classification runs)")
+    args = parser.parse_args(argv)
+    try:
+        figures = check_model_dir(args.run_dir)
+        print(f"model/: agreement {figures['agreement']:.4f}, max |difference| {figures['max_abs_diff']:.3g}, "
+              f"linear-layer sparsity {figures['sparsity']:.4f} (recorded {figures['sparsity_recorded']})")
+        if args.onnx:
+            path = export_onnx(args.run_dir)
+            onnx_figures = check_onnx(args.run_dir)
+            print(f"{path}: label agreement with the run {onnx_figures['agreement']:.4f}, "
+                  f"max |logit difference| {onnx_figures['max_abs_diff']:.3g}")
+            figures = {**figures, **{f"onnx_{k}": v for k, v in onnx_figures.items()}}
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0 if all(v == 1.0 for k, v in figures.items() if k.endswith("agreement")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

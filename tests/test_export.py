@@ -1,0 +1,120 @@
+"""Exports round-trip: model/ reloaded with plain transformers predicts what the run predicted on its test
+split and keeps its zeros; ONNX (onnxruntime) gives the same labels; a refused export says why."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llmk_lab import export
+from llmk_lab.errors import UserError
+from tests.conftest import read_metrics, run_config
+from tests.test_data import conll_sentences, topic_rows, write_conll, write_csv
+
+FAST = ["model=tiny_bert", "logger=csv", "export.checkpoint=false", "train.batch_size=8", "train.eval_batch_size=16"]
+
+
+def topic_csv(tmp_path):
+    write_csv(tmp_path / "topics.csv", topic_rows(90), ["body", "title", "topic"])
+    return ["data=local_csv", f"data.path={tmp_path / 'topics.csv'}", "data.text_column=body",
+            "data.label_column=topic", "data.val_size=12", "data.test_size=20"]
+
+
+@pytest.fixture(scope="module")
+def pruned_lora_run(tmp_path_factory):
+    """Magnitude pruning 50 % + LoRA (merged into model/): the default recipe on a tiny model."""
+    root = tmp_path_factory.mktemp("pruned_lora")
+    run_config(FAST + topic_csv(root) + ["compression=magnitude", "compression.sparsity=0.5", "peft=lora",
+                                         "train.max_epochs=2"], root / "run")
+    return root / "run"
+
+
+def _zero_fraction(model, names):
+    modules = dict(model.named_modules())
+    zeros = sum(int((modules[n].weight == 0).sum()) for n in names)
+    return zeros / sum(modules[n].weight.numel() for n in names)
+
+
+def test_pruned_lora_model_reloads_with_plain_transformers_and_predicts_as_the_run(pruned_lora_run):
+    from transformers import AutoModelForSequenceClassification
+
+    metrics = read_metrics(pruned_lora_run)
+    folder = pruned_lora_run / "model"
+    assert metrics["export/model"] == str(folder) and metrics["exports"]["model"] == str(folder)
+    assert metrics["export/model_agreement"] == 1.0 and metrics["export/model_max_abs_diff"] < 1e-4
+    # the merged LoRA update is masked: the pruned layers keep their 50 % zeros after merging and reloading
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    pruned = [name for name in metrics["sparsity_per_layer"]]
+    pruned = [n.removeprefix("base_model.model.").removesuffix(".base_layer") for n in pruned]
+    assert _zero_fraction(model, pruned) == pytest.approx(metrics["sparsity/pruned_layers"], abs=1e-6)
+    assert _zero_fraction(model, pruned) == pytest.approx(0.5, abs=0.01)
+    assert metrics["export/model_sparsity_after"] == metrics["export/model_sparsity_before"]
+    # predictions of the reloaded model on the stored test inputs are the run's own
+    inputs, reference = export.load_reference(pruned_lora_run)
+    assert len(reference) == 20 and reference.shape[1] == 3
+    logits = export.model_outputs(model, "sequence_classification", inputs)
+    assert torch.equal(logits.argmax(-1), reference.argmax(-1))
+    # and score what the run scored on its test split
+    accuracy = float((reference.argmax(-1) == inputs["labels"]).double().mean())
+    assert accuracy == pytest.approx(metrics["test/acc"], abs=1e-6)
+    info = json.loads((folder / "llmk_lab.json").read_text())
+    assert info["task"] == "sequence_classification" and sorted(info["labels"]) == ["food", "music", "sports"]
+
+
+def test_export_command_checks_the_model_again(pruned_lora_run, capsys):
+    assert export.main([str(pruned_lora_run)]) == 0
+    assert "agreement 1.0000" in capsys.readouterr().out
+
+
+def test_onnx_export_gives_the_runs_labels(pruned_lora_run):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    path = export.export_onnx(pruned_lora_run)
+    figures = export.check_onnx(pruned_lora_run)
+    assert path.exists() and figures["agreement"] == 1.0 and figures["max_abs_diff"] < 1e-3
+    assert (path.parent / "tokenizer.json").exists() or (path.parent / "vocab.txt").exists()
+
+
+def test_structured_pruning_keeps_its_smaller_matrices(tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    run_config(FAST + topic_csv(tmp_path) + ["compression=structured", "peft=full"], tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["export/model_agreement"] == 1.0, metrics.get("export/model")
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "model")
+    dense = 2 * (3 * 32 * 32 + 32 * 32 + 2 * 32 * 64)  # two 32-wide blocks of the tiny BERT
+    in_blocks = sum(p.numel() for n, p in model.named_parameters() if ".layer." in n and n.endswith("weight")
+                    and p.ndim == 2)
+    assert in_blocks < dense
+
+
+def test_ner_export_agrees_on_every_tagged_word(tmp_path):
+    write_conll(tmp_path / "ner.conll", conll_sentences(40))
+    run_config(FAST + ["data=local_conll", f"data.path={tmp_path / 'ner.conll'}", "data.val_size=8",
+                       "data.test_size=8", "optimized_metric=test/f1", "compression=magnitude", "peft=lora"],
+               tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["export/model_agreement"] == 1.0
+    assert metrics["export/model_sparsity_after"] == metrics["export/model_sparsity_before"] > 0
+
+
+def test_int8_model_is_not_exported_and_says_why(tmp_path):
+    run_config(FAST + topic_csv(tmp_path) + ["compression=dynamic_int8", "peft=full"], tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["export/model"].startswith("not written:") and "quantised" in metrics["export/model"]
+    assert not (tmp_path / "run" / "model").exists()
+    with pytest.raises(UserError, match="no model/ export"):
+        export.finished_model_dir(tmp_path / "run")
+
+
+def test_unfinished_and_failed_run_directories_are_refused(tmp_path):
+    with pytest.raises(UserError, match="no such run directory"):
+        export.finished_model_dir(tmp_path / "missing")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(UserError, match="not a finished run"):
+        export.finished_model_dir(tmp_path / "half")
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "failed.json").write_text(json.dumps({"error": "loss diverged"}))
+    with pytest.raises(UserError, match="the run failed \\(loss diverged\\)"):
+        export.finished_model_dir(tmp_path / "failed")
