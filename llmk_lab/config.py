@@ -116,6 +116,13 @@ class TrainConfig:
     dropout: Optional[float] = None
     # Label smoothing of the cross-entropy (classification and masked-LM tasks; 0: none).
     label_smoothing: float = 0.0
+    # Adversarial training on the input embeddings: none | fgm (one normalised gradient step of
+    # length epsilon) | pgd (`adversarial_steps` steps of `adversarial_alpha`, null: epsilon / steps,
+    # kept within epsilon). The loss is clean + adversarial; the attack's time is in metrics.json.
+    adversarial: str = "none"
+    adversarial_epsilon: float = 1.0
+    adversarial_steps: int = 3
+    adversarial_alpha: Optional[float] = None
 
     def __post_init__(self) -> None:
         check(self.max_epochs >= 1, "max_epochs", self.max_epochs, "an integer >= 1")
@@ -148,6 +155,12 @@ class TrainConfig:
               self.adaptive_weight_decay_average, "a number in [0, 1)")
         check(self.dropout is None or 0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1) or null")
         check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "a number in [0, 1)")
+        check(self.adversarial in ("none", "fgm", "pgd"), "adversarial", self.adversarial,
+              "one of ['none', 'fgm', 'pgd']")
+        check(self.adversarial_epsilon > 0, "adversarial_epsilon", self.adversarial_epsilon, "a positive number")
+        check(self.adversarial_steps >= 1, "adversarial_steps", self.adversarial_steps, "an integer >= 1")
+        check(self.adversarial_alpha is None or self.adversarial_alpha > 0, "adversarial_alpha",
+              self.adversarial_alpha, "a positive number or null")
         if self.monitor and self.val_every_n_epochs == 0:
             self.val_every_n_epochs = 1
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
+from llmk_lab.training.adversarial import EmbeddingAdversary
 from llmk_lab.training.llrd import split_by_depth
 from llmk_lab.training.regularization import (ADAPTIVE_KEY, AdaptiveWeightDecay, check_label_smoothing,
                                               override_dropout, smoothed_loss)
@@ -27,15 +28,24 @@ class TaskModule(pl.LightningModule):
         check_label_smoothing(task, train_cfg.label_smoothing)
         if train_cfg.dropout is not None:
             override_dropout(model, train_cfg.dropout)
+        self.adversary = (EmbeddingAdversary(train_cfg.adversarial, train_cfg.adversarial_epsilon,
+                                             train_cfg.adversarial_steps, train_cfg.adversarial_alpha)
+                          if train_cfg.adversarial != "none" else None)
 
     def forward(self, batch: dict) -> Any:
         return self.model(**batch)
 
-    def training_step(self, batch, batch_idx):
-        outputs = self(batch)
-        loss = outputs.loss
+    def task_loss(self, outputs, batch) -> torch.Tensor:
         if self.train_cfg.label_smoothing:
-            loss = smoothed_loss(outputs.logits, batch["labels"], self.train_cfg.label_smoothing)
+            return smoothed_loss(outputs.logits, batch["labels"], self.train_cfg.label_smoothing)
+        return outputs.loss
+
+    def training_step(self, batch, batch_idx):
+        if self.adversary is not None:
+            outputs, loss = self.adversary.training_loss(self.model, batch, self.task_loss)
+        else:
+            outputs = self(batch)
+            loss = self.task_loss(outputs, batch)
         for term in self.loss_terms:
             loss = term(batch, outputs, loss)
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=len(batch["input_ids"]))

@@ -243,6 +243,8 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
                          "train/peak_memory_mb": peak_memory_mb(), "train/examples": throughput.examples,
                          "train/steps": trainer.global_step, "train/seconds": throughput.seconds}
         train_figures.update(restore_best(ctx.module, trainer, callbacks))  # the selected weights from here on
+        if ctx.module.adversary is not None:
+            train_figures.update(ctx.module.adversary.figures())
 
         # 7. post-training compression
         keep_fitted_reference(ctx, p.methods, p.strategy)

@@ -184,3 +184,49 @@ def test_label_smoothing_changes_the_training_loss_by_its_formula():
     assert smoothed == pytest.approx(float(expected)) and smoothed != pytest.approx(float(plain))
     with pytest.raises(UserError, match=r"train\.label_smoothing=0\.1 .*'causal_lm'.*allowed"):
         TaskModule(Fixed(), get_task("causal_lm", None), TrainConfig(label_smoothing=0.1))
+
+
+def _tiny_bert_module(**train):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from llmk_lab.config import TrainConfig
+    from llmk_lab.module import TaskModule
+    from llmk_lab.tasks import get_task
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, num_labels=2)
+    model = BertForSequenceClassification(config).train()
+    module = TaskModule(model, get_task("sequence_classification", ["neg", "pos"]), TrainConfig(dropout=0.0, **train))
+    batch = {"input_ids": torch.randint(0, 50, (4, 10)), "attention_mask": torch.ones(4, 10, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 1, 0])}
+    return module, batch
+
+
+@pytest.mark.parametrize("method", ["fgm", "pgd"])
+def test_adversarial_step_raises_the_loss_and_leaves_the_embeddings_as_they_were(method):
+    module, batch = _tiny_bert_module(adversarial=method, adversarial_epsilon=0.5, adversarial_steps=3)
+    embeddings = module.model.get_input_embeddings().weight
+    before = embeddings.detach().clone()
+    clean = float(module.model(**batch).loss)  # dropout 0: the same clean loss the step sees
+    loss = module.training_step(batch, 0)
+    last = module.adversary.last
+    assert last["clean_loss"] == pytest.approx(clean, rel=1e-5)
+    assert last["adversarial_loss"] > clean  # the perturbation climbs the loss
+    assert float(loss) == pytest.approx(last["clean_loss"] + last["adversarial_loss"], rel=1e-5)
+    assert torch.equal(embeddings.detach(), before)  # the attack never writes into the embedding matrix
+    norms = torch.linalg.vector_norm(module.adversary.last_delta.flatten(1), dim=1)
+    if method == "fgm":
+        assert torch.allclose(norms, torch.full_like(norms, 0.5), atol=1e-5)  # exactly epsilon per example
+    else:
+        assert bool((norms <= 0.5 + 1e-5).all())  # projected into the epsilon ball
+    loss.backward()  # both losses reach the weights, the embedding matrix included
+    assert embeddings.grad is not None and torch.equal(embeddings.detach(), before)
+
+
+@pytest.mark.parametrize("peft", ["lora", "prompt", "adapter"])
+def test_adversarial_training_under_peft_reports_its_cost(tmp_path, tiny, peft):
+    metrics = run_config(tiny + STEPS + [f"peft={peft}", "train.adversarial=pgd", "train.adversarial_steps=2"],
+                         tmp_path)
+    assert metrics["train/adversarial_seconds"] > 0
+    assert 0 < metrics["train/adversarial_seconds_per_step"] < metrics["train/seconds"]
