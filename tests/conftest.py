@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,29 @@ from llmk_lab.cli import config_dir
 
 llmk_lab.register_all()
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _private_cache() -> Path:
+    """A temporary asset cache for the whole session: the user's extracted assets are linked in
+    read-only use (a fetch finds them complete and returns), everything the tests write (tokenised
+    datasets, checksum markers, fetches of missing assets) goes to the temporary folder."""
+    from llmk_lab.assets import cache_root
+
+    user = cache_root()
+    private = Path(tempfile.mkdtemp(prefix="llmk_lab_test_cache_"))
+    (private / "assets").mkdir()
+    for entry in (user / "assets").glob("*") if (user / "assets").is_dir() else []:
+        if entry.is_dir() and (entry / ".complete.json").exists():
+            (private / "assets" / entry.name).symlink_to(entry, target_is_directory=True)
+        elif entry.suffix == ".json":
+            shutil.copy(entry, private / "assets" / entry.name)
+    return private
+
+
+# Set before any test runs (and inherited by the CLI subprocesses), so nothing writes ~/.cache/llmk_lab;
+# once per session even if this module is imported under a second name.
+if "LLMK_LAB_TEST_CACHE" not in os.environ:
+    os.environ["LLMK_LAB_TEST_CACHE"] = os.environ["LLMK_LAB_CACHE"] = str(_private_cache())
 
 # Tiny, fast defaults for in-process runs: a 2-layer 32-wide BERT, a few
 # hundred examples, CSV logging only.
@@ -36,6 +61,8 @@ def run_config(overrides: list[str], run_dir: Path) -> dict:
 
 
 def run_cli(args: list[str], cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    if Path(cwd).resolve() == ROOT:
+        raise ValueError("run the CLI in a temporary directory: Hydra's outputs/ would land in the checkout")
     full_env = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     return subprocess.run([sys.executable, "-m", "llmk_lab", *args], cwd=cwd, capture_output=True, text=True,
                           env=full_env, timeout=timeout)
@@ -49,6 +76,13 @@ def read_metrics(run_dir: Path) -> dict:
 def _deterministic_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _outside_the_checkout(tmp_path_factory, monkeypatch):
+    """Every test runs in its own temporary working directory: relative outputs (Hydra's `outputs/`,
+    experiment presets' `outputs/...` paths) never land in the checkout."""
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture

@@ -136,7 +136,7 @@ def test_text_file_causal_lm_end_to_end_and_second_run_hits_the_tokenisation_cac
 @pytest.mark.slow  # a subprocess start; the in-process cases below cover each bad input quickly
 def test_bad_input_gives_one_line_and_exit_code_2(tmp_path):
     result = run_cli(["data=local_csv", f"data.path={tmp_path / 'nope.csv'}", "model=tiny_bert", "logger=none"],
-                     cwd=ROOT)
+                     cwd=tmp_path)
     assert result.returncode == 2
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "data.path=" in errors[0] and "no such file" in errors[0]

@@ -14,7 +14,7 @@ from llmk_lab.compression.wanda import wanda_scores
 from llmk_lab.errors import UserError
 from llmk_lab.run import plan
 
-from conftest import compose_config, read_metrics, run_cli, run_config, ROOT
+from tests.conftest import compose_config, read_metrics, run_cli, run_config
 
 VOCAB = 300
 METHODS = ["magnitude", "wanda", "sparsegpt", "random"]
@@ -240,7 +240,7 @@ def test_cli_bad_n_m_is_one_line_exit_2_and_no_result(tmp_path):
     result = run_cli(["model=tiny_bert", "logger=csv", "data.limit_train=16", "data.limit_eval=16",
                       "model.from_config.hidden_size=36", "model.from_config.num_attention_heads=4",
                       "compression=wanda", "compression.prune_n=4", "compression.prune_m=8",
-                      f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT)
+                      f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if "not divisible by 8" in line]
     assert len(lines) == 1 and "compression.prune_m=8" in lines[0]

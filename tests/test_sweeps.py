@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import TINY, compose_config, read_metrics, run_cli, run_config
+from tests.conftest import TINY, compose_config, read_metrics, run_cli, run_config
 from llmk_lab.report import aggregate, collect_jobs, infer_direction, pareto_front, write_report
 from llmk_lab.jobs import resume_checkpoint_path
 from llmk_lab.sweep import config_fingerprint, job_name, sweep_group, swept_keys
