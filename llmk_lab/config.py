@@ -79,8 +79,8 @@ class TrainConfig:
     # Stop after this many optimiser steps (-1: run `max_epochs`; 0: no training, only evaluate).
     max_steps: int = -1
     batch_size: int = 16
-    eval_batch_size: int = 64
-    lr: float = 5e-4
+    eval_batch_size: int = 128
+    lr: float = 1e-3
     weight_decay: float = 0.01
     # Learning-rate schedule after warm-up: linear | cosine | constant.
     scheduler: str = "linear"
@@ -92,7 +92,7 @@ class TrainConfig:
     # Run one batch of each stage only (smoke test).
     fast_dev_run: bool = False
     # Validate during fit every N epochs (0: only at the end).
-    val_every_n_epochs: int = 1
+    val_every_n_epochs: int = 0
     # Best-checkpoint selection: the validation metric (e.g. val/acc, val/loss) whose best value
     # picks the weights that are tested, measured and exported (null: the final weights).
     # Validation then runs every epoch unless val_every_n_epochs says otherwise.

@@ -14,7 +14,30 @@ import torch
 from torch import nn
 
 
+def stored_values(tensor: torch.Tensor) -> torch.Tensor:
+    """The values a (possibly quantised) weight stores, as a plain tensor: the int8 data of torchao's
+    tensor subclasses (`qdata`) and of torch.ao quantised tensors (`int_repr`), the tensor itself otherwise.
+    Quantisation is symmetric, so a pruned (zero) weight is a zero here too."""
+    if getattr(tensor, "is_quantized", False):
+        return tensor.int_repr()
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "qdata"):
+        return tensor.qdata
+    return tensor.detach()
+
+
+def packed_weights(model: nn.Module):
+    """(name, tensor) of the weights torch.ao's quantised modules keep packed, outside `parameters()`."""
+    for name, module in model.named_modules():
+        if hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
+            yield f"{name}.weight", module.weight()
+            bias = module.bias() if callable(getattr(module, "bias", None)) else None
+            if bias is not None:
+                yield f"{name}.bias", bias
+
+
 def parameter_counts(model: nn.Module) -> dict[str, int | float]:
+    """Total, trainable and non-zero weights, quantised ones included (torchao subclasses count their int8
+    values; torch.ao's packed int8 Linear weights and biases count although `parameters()` skips them)."""
     total = trainable = nonzero = 0
     seen = set()
     for param in model.parameters():
@@ -22,9 +45,12 @@ def parameter_counts(model: nn.Module) -> dict[str, int | float]:
             continue
         seen.add(id(param))
         total += param.numel()
-        nonzero += int(torch.count_nonzero(param))
+        nonzero += int(torch.count_nonzero(stored_values(param)))
         if param.requires_grad:
             trainable += param.numel()
+    for _, tensor in packed_weights(model):
+        total += tensor.numel()
+        nonzero += int(torch.count_nonzero(stored_values(tensor)))
     return {"total": total, "trainable": trainable, "trainable_fraction": trainable / total if total else 0.0,
             "nonzero": nonzero}
 
@@ -58,13 +84,17 @@ def latency(model: nn.Module, batches: Iterable[dict], repeats: int = 5, warmup:
 # --- What every compression run reports next to its task metric -------------------------------------------
 
 def deployable(model: nn.Module, strategy=None) -> nn.Module:
-    """A copy of `model` as it would be deployed: adapter merged (masks kept), eval mode, on CPU."""
-    from llmk_lab.compression.masks import reapply_masks
+    """A copy of `model` as it would be deployed: adapter merged, eval mode, on CPU.
+
+    Not re-masked after merging: the masked LoRA/AdaLoRA layers merge their masked update, so the zeros a
+    merged model has are measured, not imposed. Weights shared across blocks are untied where a per-block
+    update is merged into them (each block gets its own merged copy)."""
+    from llmk_lab.compression.weight_sharing import untie_shared_weights
 
     copy_ = copy.deepcopy(model)
     if strategy is not None and strategy.mergeable:
+        untie_shared_weights(copy_, adapted_only=True)
         copy_ = strategy.merged(copy_)
-        reapply_masks(copy_)
     return copy_.cpu().eval()
 
 

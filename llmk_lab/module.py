@@ -31,6 +31,8 @@ class TaskModule(pl.LightningModule):
         self.adversary = (EmbeddingAdversary(train_cfg.adversarial, train_cfg.adversarial_epsilon,
                                              train_cfg.adversarial_steps, train_cfg.adversarial_alpha)
                           if train_cfg.adversarial != "none" else None)
+        # Parameters the PEFT strategy says must not be decayed toward 0 (`no_decay_parameter_names`).
+        self.no_decay_names: set[str] = set()
 
     def forward(self, batch: dict) -> Any:
         return self.model(**batch)
@@ -87,7 +89,9 @@ class TaskModule(pl.LightningModule):
             if not param.requires_grad:
                 continue
             # Biases and LayerNorm weights are not decayed (the BERT recipe).
-            (no_decay if param.ndim < 2 else decay).append(param)
+            # So are the ones the PEFT strategy names (IA3's scaling vectors start at 1, soft prompts are
+            # embeddings: decaying them toward 0 pulls them away from what they mean).
+            (no_decay if param.ndim < 2 or name in self.no_decay_names else decay).append(param)
         groups = [{"params": decay, "weight_decay": self.train_cfg.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
         if self.train_cfg.adaptive_weight_decay:

@@ -6,6 +6,7 @@ after fit); nothing here names a particular method.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -19,6 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from llmk_lab.compression import CompressionMethod, build_methods
+from llmk_lab.compression.weight_sharing import untie_shared_weights
 from llmk_lab.compression.masks import MaskKeeper, mask_lora_updates, masked_linears, sparsity_report
 from llmk_lab.config import RunConfig
 from llmk_lab.context import RunContext
@@ -63,7 +65,28 @@ def plan(cfg: DictConfig) -> Plan:
     if settings.export.merged and not strategy.mergeable:
         raise UserError(f"export.merged=true is not possible with peft.method={strategy.registered_name!r}: "
                         "its update cannot be folded into the weights")
+    refuse_combinations(settings, methods, strategy)
     return Plan(settings, methods, strategy)
+
+
+def refuse_combinations(settings: RunConfig, methods: list[CompressionMethod], strategy: PeftStrategy) -> None:
+    """Combinations of options that cannot work, from what each method and strategy declares, refused in
+    one line naming both options and why (the composition matrix, `llmk_lab.matrix`, lists them)."""
+    peft_name = strategy.registered_name
+    for method in methods:
+        name = method.registered_name
+        if settings.export.merged and method.merged_export_refusal:
+            raise UserError(f"export.merged=true is not possible with compression.method={name!r}: "
+                            f"{method.merged_export_refusal}")
+        if method.prunes_while_training and (strategy.trains_base_weights == "none" or (
+                strategy.trains_base_weights == "some" and getattr(method.settings, "target_modules", None) is None)):
+            raise UserError(f"compression.method={name!r} prunes weights while they train, but peft.method="
+                            f"{peft_name!r} keeps the targeted weights frozen; use peft=full (or peft=top_layers "
+                            "with compression.target_modules inside the trained layers)")
+        reason = method.refusal_with(strategy)
+        if reason:
+            raise UserError(f"compression.method={name!r} cannot be combined with peft.method={peft_name!r}: "
+                            f"{reason}")
 
 
 def build_trainer(settings: RunConfig, loggers: list, callbacks: list, run_dir: Path) -> pl.Trainer:
@@ -129,6 +152,8 @@ def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict
 
 
 def _prediction_logits(outputs) -> torch.Tensor:
+        # transformers' format has no cross-layer sharing: each block saves its own copy of a shared weight.
+        untie_shared_weights(merged)
     # Heads name their scores differently (BERT pretraining heads: prediction_logits).
     for key in ("logits", "prediction_logits"):
         if getattr(outputs, key, None) is not None:
@@ -140,7 +165,13 @@ def _prediction_logits(outputs) -> torch.Tensor:
 def merged_logit_gap(ctx: RunContext, merged_dir: Path, tolerance: float = 1e-3) -> float:
     """Largest |logit difference| between the trained model and its merged export reloaded with
     `from_pretrained`, on one validation batch: the export must predict what the run measured."""
-    reloaded = ctx.task.auto_class.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    reloaded, loading = ctx.task.auto_class.from_pretrained(merged_dir, dtype=torch.float32,
+                                                            output_loading_info=True)
+    reloaded.eval()
+    wrong = {k: sorted(v)[:3] for k, v in loading.items() if k != "error_msgs" and v}
+    if wrong:
+        # Keys from_pretrained did not find, or found no place for, are layers it initialised at random.
+        raise RuntimeError(f"the merged export in {merged_dir} does not reload as the trained model: {wrong}")
     batch = next(iter(ctx.datamodule.val_dataloader()))
     device = next(ctx.model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -150,8 +181,9 @@ def merged_logit_gap(ctx: RunContext, merged_dir: Path, tolerance: float = 1e-3)
     ctx.model.train(was_training)
     exported = _prediction_logits(reloaded.to(device)(**batch))
     gap = float((trained - exported).abs().max())
-    if gap > tolerance * (1.0 + float(trained.abs().max())):
-        log.warning("the merged export differs from the trained model: max |logit difference| %.3g", gap)
+    if not gap <= tolerance * (1.0 + float(trained.abs().max())):
+        raise RuntimeError(f"the merged export in {merged_dir} does not predict what the trained model predicts: "
+                           f"max |logit difference| {gap:.3g}")
     return gap
 
 
@@ -177,6 +209,46 @@ def summary_table(metrics: dict[str, Any]) -> str:
     rows = [(k, metrics[k]) for k in keys if k in metrics]
     rows.append(("run_dir", metrics["run_dir"]))
     width = max(len(k) for k, _ in rows)
+class PostTrainingStages:
+    """Runs the stages after training so that a failure in one (export, a measurement) loses nothing:
+    before each stage `metrics.json` holds every figure measured so far and names the stage about to run;
+    a stage that raises leaves `metrics.json` with `failed_stage` and `error`, and the error goes on (the
+    run still fails, exit code non-zero). Only a run that ends normally has no `failed_stage`."""
+
+    def __init__(self, run_dir: Path, metrics: dict, ctx: RunContext, methods, raw, datamodule, started: float):
+        self.run_dir, self.metrics, self.ctx, self.methods = run_dir, metrics, ctx, methods
+        self.raw, self.datamodule, self.started = raw, datamodule, started
+
+    def _write(self, **extra: Any) -> None:
+        self.metrics.update({
+            "data/train_examples": len(self.raw.splits["train"]),
+            "data/tokenization_cache_hit": self.datamodule.cache_hit,
+            "wall_time_s": time.perf_counter() - self.started,
+            "run_dir": str(self.run_dir),
+            "compression": [{"method": m.registered_name, **m.report} for m in self.methods],
+            **self.ctx.reports,
+        })
+        self.metrics.pop("failed_stage", None)
+        self.metrics.pop("error", None)
+        self.metrics.update(extra)
+        write_json(self.run_dir / "metrics.json", self.metrics)
+
+    @contextlib.contextmanager
+    def stage(self, name: str):
+        # Written before the stage, so even a process killed inside it leaves the figures and the stage's name.
+        self._write(failed_stage=name, error="did not finish (the process ended inside this stage)")
+        try:
+            yield
+        except BaseException as err:
+            line = str(err).splitlines()[0] if str(err) else ""
+            self._write(failed_stage=name, error=f"{type(err).__name__}: {line}")
+            log.error("stage %r failed; what was measured before it is in %s", name, self.run_dir / "metrics.json")
+            raise
+
+    def finish(self) -> None:
+        self._write()
+
+
 
     def fmt(value: Any) -> str:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -233,6 +305,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     loggers = tracking.build_loggers(settings.logger, run_dir, run_name, group,
                                      OmegaConf.to_container(cfg, resolve=True))
     failed = True
+    ctx.module.no_decay_names = p.strategy.no_decay_parameter_names(ctx.model)
     try:
         trainer = build_trainer(settings, loggers, callbacks, run_dir)
         # Pretrained models load in eval mode; Lightning keeps each submodule's
@@ -246,32 +319,31 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         if ctx.module.adversary is not None:
             train_figures.update(ctx.module.adversary.figures())
 
-        # 7. post-training compression
-        keep_fitted_reference(ctx, p.methods, p.strategy)
-        for method in p.methods:
-            method.after_fit(ctx)
+        # 7-9. post-training stages; what is measured is on disk before each stage that can still fail
+        metrics: dict[str, Any] = dict(train_figures)
+        stages = PostTrainingStages(run_dir, metrics, ctx, p.methods, raw, datamodule, started)
+        with stages.stage("after_fit"):
+            keep_fitted_reference(ctx, p.methods, p.strategy)
+            for method in p.methods:
+                method.after_fit(ctx)
 
         # 8. evaluate and measure
-        metrics: dict[str, Any] = evaluate(trainer, ctx.module, datamodule)
-        params = parameter_counts(ctx.model)
-        metrics.update({f"params/{k}": v for k, v in params.items()})
-        metrics.update(measure_sparsity(ctx, p.strategy, p.methods))
-        if ctx.dense_model is not None:
-            metrics.update(compression_figures(ctx, p.strategy, reference_measures(ctx, model_info, settings.measure)))
-        metrics.update(train_figures)
+        with stages.stage("evaluate"):
+            metrics.update(evaluate(trainer, ctx.module, datamodule))
+        with stages.stage("parameter_counts"):
+            params = parameter_counts(ctx.model)
+            metrics.update({f"params/{k}": v for k, v in params.items()})
+        with stages.stage("sparsity"):
+            metrics.update(measure_sparsity(ctx, p.strategy, p.methods))
+        if ctx.dense_model is not None and trainer.is_global_zero:  # rank zero measures for a distributed run
+            with stages.stage("compression_figures"):
+                metrics.update(compression_figures(ctx, p.strategy,
+                                                   reference_measures(ctx, model_info, settings.measure)))
 
         # 9. export and log
-        written = export(ctx, p.strategy, trainer)
-        metrics.update({
-            "data/train_examples": len(raw.splits["train"]),
-            "data/tokenization_cache_hit": datamodule.cache_hit,
-            "wall_time_s": time.perf_counter() - started,
-            "run_dir": str(run_dir),
-            "exports": written,
-            "compression": [{"method": m.registered_name, **m.report} for m in p.methods],
-            **ctx.reports,
-        })
-        write_json(run_dir / "metrics.json", metrics)
+        with stages.stage("export"):
+            metrics["exports"] = export(ctx, p.strategy, trainer)
+        stages.finish()
         jobs.discard_resume_checkpoint(run_dir)
         tracking.log_summary(loggers, metrics)
         failed = False

@@ -38,7 +38,8 @@ def calibration():
 
 def context(model):
     return SimpleNamespace(model=model, datamodule=SimpleNamespace(calibration_batches=lambda n, b: calibration()),
-                           settings=SimpleNamespace(hardware=SimpleNamespace(accelerator="cpu")))
+                           settings=SimpleNamespace(hardware=SimpleNamespace(accelerator="cpu")),
+                           task=SimpleNamespace(head_modules=("classifier", "score")))
 
 
 INPUT = {"input_ids": torch.randint(0, 100, (3, 9), generator=torch.Generator().manual_seed(2))}
@@ -143,6 +144,7 @@ def test_movement_scores_accumulate_minus_weight_times_gradient_and_prune_the_lo
     for grad in grads:
         layer.weight.grad = grad.clone()
         callback.on_after_backward(None, None)
+        callback.on_before_optimizer_step(None, None, None)  # one optimiser step per gradient
     expected = -(layer.weight.detach() * (grads[0] + grads[1]))
     assert torch.allclose(callback.movement["l"], expected)  # [[-2, 2], [1, 3]]
     callback.end = 1

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 from torch import nn
 
 from llmk_lab.architectures import LINEAR_TYPES, architecture, matching_modules
@@ -21,11 +20,20 @@ from llmk_lab.registry import Registry, import_submodules
 
 class CompressionMethod:
     acts: tuple[str, ...] = ()  # of "before_fit", "during_fit", "after_fit"
+    # Why the result cannot be exported as a plain transformers model (`export.merged=true`), or None when it
+    # can; plan() refuses the combination with this reason before anything runs.
+    merged_export_refusal: Optional[str] = None
+    # Whether the method changes weights while they train (it needs a PEFT strategy that trains them).
+    prunes_while_training: bool = False
 
     def __init__(self, settings: Any):
         self.settings = settings
         # What the method did, e.g. the layers it pruned: recorded in metrics.json.
         self.report: dict[str, Any] = {}
+
+    def refusal_with(self, strategy) -> Optional[str]:
+        """Why this method (with its settings) cannot be combined with PEFT `strategy`, or None."""
+        return None
 
     def before_fit(self, ctx) -> None:
         pass

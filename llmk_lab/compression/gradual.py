@@ -35,6 +35,18 @@ def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int
     return final + (initial - final) * (1 - progress) ** 3
 
 
+# Fraction of the optimiser steps after `start_step` over which the schedule runs when `end_step` is null;
+# the rest trains at the final sparsity, the recovery stretch Zhu & Gupta end with.
+SCHEDULE_FRACTION = 0.75
+
+
+def default_end_step(total_steps: int, start: int) -> int:
+    """The step from which the final sparsity holds when `end_step` is null: three quarters of the way from
+    `start` to the end of training, so that at least one optimiser step trains at the final sparsity."""
+    end = start + int(SCHEDULE_FRACTION * (total_steps - start))
+    return max(start + 1, min(end, total_steps - 1))
+
+
 @dataclass
 class GradualConfig:
     method: str = "gradual_magnitude"
@@ -44,7 +56,8 @@ class GradualConfig:
     initial_sparsity: float = 0.0
     # Optimiser step of the first pruning.
     start_step: int = 0
-    # Optimiser step from which the final sparsity holds (null: the last step of training).
+    # Optimiser step from which the final sparsity holds (null: 3/4 of the way from start_step to the
+    # last step, leaving the last quarter to recover at the final sparsity).
     end_step: Optional[int] = None
     # Prune every this many optimiser steps (Zhu & Gupta's Delta t).
     frequency: int = 10
@@ -74,7 +87,7 @@ class ScheduledPruning(pl.Callback):
 
     def on_fit_start(self, trainer, pl_module):
         if self.end is None:
-            self.end = max(int(trainer.estimated_stepping_batches), self.settings.start_step + 1)
+            self.end = default_end_step(int(trainer.estimated_stepping_batches), self.settings.start_step)
 
     def due(self, step: int) -> bool:
         s = self.settings
@@ -135,6 +148,7 @@ def trainable_targets(ctx, settings, key: str) -> dict[str, nn.Linear]:
 @COMPRESSION.register("gradual_magnitude", config=GradualConfig)
 class GradualMagnitudePruning(CompressionMethod):
     acts = ("during_fit",)
+    prunes_while_training = True
 
     def callbacks(self, ctx) -> list:
         return [ScheduledPruning(trainable_targets(ctx, self.settings, "compression"), self.settings, self.report)]

@@ -8,7 +8,9 @@ keep the pruned weights at zero afterwards:
   optimiser step (full fine-tuning, top layers, BitFit...);
 - `mask_lora_updates` makes LoRA's update obey the mask, (W + BA) * M, so the
   model trained is exactly the model obtained after merging;
-- `reapply_masks` after a merge.
+- the same masked update in peft's merge (`mask_merged_updates`), so the merged
+  model has its zeros without re-masking: sparsity after merging is measured,
+  not imposed.
 """
 from __future__ import annotations
 
@@ -89,8 +91,20 @@ _masked_lora_forward = masked_update_forward(
     lambda layer, name: (layer.lora_B[name].weight @ layer.lora_A[name].weight) * layer.scaling[name])
 
 
+def _masked_delta_weight(self, adapter: str) -> torch.Tensor:
+    """peft's merge adds `get_delta_weight(adapter)` to W; masked, W + dW * M = (W + dW) * M because the
+    pruned W is already zero there, so the merged model is the one trained, with no re-masking after it."""
+    delta = type(self).get_delta_weight(self, adapter)
+    return delta * getattr(self.base_layer, MASK).to(delta.dtype)
+
+
+def mask_merged_updates(module: nn.Module) -> None:
+    """Make peft's merge of this low-rank layer obey its base layer's pruning mask."""
+    module.get_delta_weight = types.MethodType(_masked_delta_weight, module)
+
+
 def mask_lora_updates(model: nn.Module) -> int:
-    """Route LoRA layers over pruned weights through the masked forward; returns how many."""
+    """Route LoRA layers over pruned weights through the masked forward and the masked merge; returns how many."""
     from peft.tuners.lora import Linear as LoraLinear
 
     patched = 0
@@ -99,6 +113,7 @@ def mask_lora_updates(model: nn.Module) -> int:
             if any(module.use_dora.values()):
                 raise UserError("peft.use_dora=true cannot keep pruning masks; use plain LoRA on a pruned model")
             module.forward = types.MethodType(_masked_lora_forward, module)
+            mask_merged_updates(module)
             patched += 1
     return patched
 
@@ -106,9 +121,11 @@ def mask_lora_updates(model: nn.Module) -> int:
 def sparsity_report(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> dict:
     """Fraction of zero weights per layer and over all the given (default: masked) layers."""
     modules = masked_linears(model) if modules is None else modules
+    from llmk_lab.measure import stored_values
+
     per_layer, zeros, total = {}, 0, 0
     for name, module in modules.items():
-        weight = module.weight
+        weight = stored_values(module.weight() if callable(module.weight) else module.weight)
         z = int((weight == 0).sum())
         per_layer[name] = z / weight.numel()
         zeros, total = zeros + z, total + weight.numel()

@@ -1,7 +1,8 @@
 """Movement pruning during fine-tuning (Sanh et al. 2020), hard variant.
 
 Each targeted weight accumulates the score S = -sum_t W_t * dL/dW_t over the
-optimiser steps: weights moving away from zero score high, weights shrinking
+optimiser steps t (dL/dW_t the step's whole gradient, all accumulated
+micro-batches, added once per step): weights moving away from zero score high, weights shrinking
 towards zero score low. On Zhu & Gupta's cubic schedule the lowest-scoring
 weights of each layer are pruned (Sanh et al. rank by top-k of S at the
 scheduled sparsity). Unlike the paper's straight-through estimator, pruned
@@ -38,16 +39,19 @@ class MovementScores(ScheduledPruning):
             self.movement[name] = self.movement[name].to(layer.weight.device)
 
     @torch.no_grad()
-    def on_after_backward(self, trainer, pl_module):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # Once per optimiser step, on the gradient of the whole step: with gradient accumulation
+        # `on_after_backward` runs after every micro-batch on the running sum, and adding it there would
+        # count the earlier micro-batches again. Lightning calls this before gradient clipping.
         for name, layer in self.layers.items():
             if layer.weight.grad is not None:
                 self.movement[name] -= (layer.weight.grad * layer.weight).float()
-        super().on_after_backward(trainer, pl_module)
 
 
 @COMPRESSION.register("movement", config=MovementConfig)
 class MovementPruning(CompressionMethod):
     acts = ("during_fit",)
+    prunes_while_training = True
 
     def callbacks(self, ctx) -> list:
         return [MovementScores(trainable_targets(ctx, self.settings, "compression"), self.settings, self.report)]

@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from llmk_lab.compression import COMPRESSION, CompressionMethod, target_linears
-from llmk_lab.compression.masks import reapply_masks
 from llmk_lab.errors import UserError, check
 
 BACKENDS = ("torch_ao", "torchao")
@@ -55,10 +54,14 @@ def quantizable_linears(model: nn.Module, target_modules: Optional[Any], key: st
 
 
 def merge_adapter_in_place(model: nn.Module) -> None:
-    """Fold a PEFT adapter into the base weights, keeping the wrapper so adapter export still works."""
+    """Fold a PEFT adapter into the base weights, keeping the wrapper so adapter export still works
+    (masked LoRA layers merge their masked update, so pruned weights stay zero; weights shared across
+    blocks are untied first, so each block's update lands in its own copy)."""
+    from llmk_lab.compression.weight_sharing import untie_shared_weights
+
     if hasattr(model, "merge_adapter"):
+        untie_shared_weights(model, adapted_only=True)
         model.merge_adapter()
-        reapply_masks(model)
 
 
 @dataclass
@@ -87,6 +90,9 @@ class WeightOnlyInt8Config:
 
 class PostTrainingQuantization(CompressionMethod):
     acts = ("before_fit", "after_fit")
+    merged_export_refusal = ("its int8 layers are not a checkpoint that transformers' from_pretrained reloads as "
+                             "such; the run's metrics measure the int8 model, and the adapter export holds the "
+                             "float update")
 
     def before_fit(self, ctx) -> None:
         # Checked before training so a doomed run costs nothing.
@@ -138,8 +144,16 @@ class DynamicInt8(PostTrainingQuantization):
 
             qconfig = per_channel_dynamic_qconfig if self.settings.granularity == "per_channel" \
                 else default_dynamic_qconfig
+            # torch.ao swaps each Linear for a new module: forward hooks move over, child modules do not, so a
+            # bottleneck adapter hanging off a quantised layer (peft=adapter) is put back on its replacement.
+            children = {name: dict(model.get_submodule(name).named_children()) for name in names}
             torch.ao.quantization.quantize_dynamic(model, {name: qconfig for name in names}, dtype=torch.qint8,
                                                    inplace=True)
+            for name, kept in children.items():
+                replacement = model.get_submodule(name)
+                for child_name, child in kept.items():
+                    if not hasattr(replacement, child_name):
+                        replacement.add_module(child_name, child)
         else:
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 

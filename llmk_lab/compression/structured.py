@@ -23,7 +23,7 @@ reloads it. Where the blocks and their projections are comes from
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,9 +41,9 @@ KEY = "compression.method=structured"
 class StructuredConfig:
     method: str = "structured"
     # Fraction of the attention heads removed from every layer (BERT encoders), in [0, 1).
-    head_ratio: float = 0.0
+    head_ratio: float = 0.25
     # Fraction of the feed-forward neurons removed from every layer, in [0, 1).
-    neuron_ratio: float = 0.0
+    neuron_ratio: float = 0.25
     # Blocks to remove: a list of indices, or a count of top blocks.
     drop_layers: Any = field(default_factory=list)
     # gradient: Michel et al. head gates / Taylor neuron scores on calibration data; l1: weight norms.
@@ -150,9 +150,57 @@ def gradient_importance(model: nn.Module, blocks: nn.ModuleList, batches: list[d
     return head_scores, neuron_scores
 
 
+# L-BFGS iterations fitting the task head before gradient importance is scored, and its L2 penalty (which makes
+# a linear head's fit a strictly convex problem: one optimum, whatever the head's random initialisation).
+HEAD_FIT_ITERATIONS = 30
+HEAD_FIT_L2 = 1e-3
+
+
+def with_fitted_head(model: nn.Module, task, batches: list[dict]) -> nn.Module:
+    """A copy of `model` whose task head is fitted to the calibration batches, the rest frozen.
+
+    Gradient importance is |dL/d gate| of the task loss; with a newly initialised head that loss, and so which
+    heads and neurons look important, depends on the head's random seed. Fitting the head first (as a linear
+    probe, to its optimum) scores the pretrained body by what it offers the task."""
+    import copy
+
+    from llmk_lab.peft import head_parameter_names
+
+    scorer = copy.deepcopy(model)
+    head = set(head_parameter_names(scorer, task))
+    params = [p for n, p in scorer.named_parameters() if n in head]
+    for name, param in scorer.named_parameters():
+        param.requires_grad_(name in head)
+    device = next(scorer.parameters()).device
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    was_training = scorer.training
+    scorer.eval()  # no dropout: a deterministic objective
+    optimizer = torch.optim.LBFGS(params, lr=1.0, max_iter=HEAD_FIT_ITERATIONS, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = sum(scorer(**b).loss for b in batches) / len(batches)
+        loss = loss + HEAD_FIT_L2 * sum(p.pow(2).sum() for p in params)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    for param in scorer.parameters():  # importance needs gradients through the whole body
+        param.requires_grad_(True)
+    scorer.zero_grad(set_to_none=True)
+    scorer.train(was_training)
+    return scorer
+
+
 @COMPRESSION.register("structured", config=StructuredConfig)
 class StructuredPruning(CompressionMethod):
     acts = ("before_fit",)
+
+    def refusal_with(self, strategy):
+        if self.settings.head_ratio > 0 and strategy.registered_name == "prefix":
+            return ("prefix tuning shapes its virtual keys and values by the model's full head count, and "
+                    "compression.head_ratio>0 removes heads; use compression.head_ratio=0 or another peft method")
+        return None
 
     def before_fit(self, ctx) -> None:
         s = self.settings
@@ -179,8 +227,13 @@ class StructuredPruning(CompressionMethod):
         head_scores = neuron_scores = None
         if s.importance == "gradient" and (s.head_ratio > 0 or s.neuron_ratio > 0):
             batches = ctx.datamodule.calibration_batches(s.calibration_examples, s.calibration_batch_size)
-            head_scores, neuron_scores = gradient_importance(model, blocks, batches, s.head_ratio > 0,
-                                                             s.neuron_ratio > 0)
+            scorer = with_fitted_head(model, ctx.task, batches)
+            head_scores, neuron_scores = gradient_importance(scorer, transformer_blocks(scorer), batches,
+                                                             s.head_ratio > 0, s.neuron_ratio > 0)
+            del scorer
+            report["importance_scored_with"] = (f"a copy of the model whose task head was first fitted on the "
+                                                     f"calibration batches ({HEAD_FIT_ITERATIONS} L-BFGS "
+                                                     "iterations, the rest frozen)")
         with torch.no_grad():
             if s.head_ratio > 0:
                 kept = heads - removed

@@ -9,6 +9,13 @@ from a pretrained model, `init: mean` sets each shared weight to the mean of the
 group's weights, `init: first` keeps the first block's. Blocks stay distinct
 modules (only their parameters are shared), so per-layer state such as a
 decoder's cache index is kept.
+
+A shared weight trains once, but a per-block update on top of it (LoRA,
+AdaLoRA, IA3) is different in every block: merging folds each block's update
+into its own copy of the weight (`untie_shared_weights` first), never all of
+them into the one shared tensor. A merged export therefore stores every block's
+weights (transformers' format has no cross-layer sharing); the adapter export
+keeps the shared base.
 """
 from __future__ import annotations
 
@@ -59,6 +66,32 @@ def _set_parameter(root: nn.Module, name: str, param: nn.Parameter) -> None:
     for part in path:
         module = getattr(module, part)
     setattr(module, leaf, param)
+
+
+def untie_shared_weights(model: nn.Module, adapted_only: bool = False) -> int:
+    """Give every module that shares a parameter with another module its own copy (the input/output word
+    embeddings that transformers ties itself stay tied). With `adapted_only`, only the base layers of peft
+    tuner layers, whose per-block updates a merge folds in. Returns how many parameters were copied."""
+    tied_embedding = None
+    if hasattr(model, "get_input_embeddings"):
+        embeddings = model.get_input_embeddings()
+        tied_embedding = getattr(embeddings, "weight", None)
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((module, leaf))
+    adapted = {id(m.base_layer) for m in model.modules() if isinstance(getattr(m, "base_layer", None), nn.Module)}
+    copied = 0
+    for places in owners.values():
+        if len(places) < 2 or getattr(places[0][0], places[0][1]) is tied_embedding:
+            continue
+        for module, leaf in places[1:] if not adapted_only else places:
+            if adapted_only and id(module) not in adapted:
+                continue
+            param = getattr(module, leaf)
+            setattr(module, leaf, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
+            copied += 1
+    return copied
 
 
 @COMPRESSION.register("weight_sharing", config=WeightSharingConfig)

@@ -34,6 +34,11 @@ class PeftStrategy:
     def callbacks(self, ctx) -> list:
         return []
 
+    def no_decay_parameter_names(self, model: nn.Module) -> set[str]:
+        """Trainable parameters that weight decay must leave alone (decay pulls toward 0, and for some
+        parameters 0 is not the neutral value), beyond biases and norms, which are never decayed."""
+        return set()
+
     def save_adapter(self, model: nn.Module, directory: Path) -> bool:
         """Save only what was trained; False when there is nothing separate to save."""
         return False

@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import torch
 from peft import AdaLoraConfig
 
-from llmk_lab.compression.masks import MASK, masked_update_forward
+from llmk_lab.compression.masks import MASK, mask_merged_updates, masked_update_forward
 from llmk_lab.errors import UserError, check
 from llmk_lab.architectures import architecture
 from llmk_lab.peft import PEFT, resolve_targets
@@ -33,11 +33,11 @@ class AdaLoraSettings:
     # Average rank per target once the budget has shrunk (total budget = target_r x targets).
     target_r: int = 8
     # Optimiser steps of warm-up at the full budget before any rank is removed.
-    tinit: int = 0
+    tinit: int = 10
     # Optimiser steps at the end that train with the final rank pattern fixed.
-    tfinal: int = 0
+    tfinal: int = 10
     # Reallocate every deltaT optimiser steps.
-    deltaT: int = 1
+    deltaT: int = 5
     # EMA factors of the sensitivity and of its uncertainty.
     beta1: float = 0.85
     beta2: float = 0.85
@@ -77,6 +77,7 @@ def mask_svd_updates(model) -> int:
     for module in model.modules():
         if isinstance(module, SVDLinear) and hasattr(module.base_layer, MASK):
             module.forward = types.MethodType(_masked_svd_forward, module)
+            mask_merged_updates(module)
             patched += 1
     return patched
 

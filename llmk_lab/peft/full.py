@@ -11,6 +11,8 @@ class FullConfig:
 
 @PEFT.register("full", config=FullConfig)
 class FullFineTuning(PeftStrategy):
+    trains_base_weights = "all"
+
     def apply(self, model, ctx):
         for param in model.parameters():
             param.requires_grad_(True)

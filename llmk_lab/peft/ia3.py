@@ -50,3 +50,8 @@ class IA3(PeftLibraryStrategy):
         config = IA3Config(task_type=ctx.task.peft_task_type, target_modules=targets,
                            feedforward_modules=feedforward)
         return wrap(model, config)
+
+    def no_decay_parameter_names(self, model):
+        # The scaling vectors start at 1 (identity); AdamW's decay would pull them toward 0, i.e. toward
+        # switching the scaled keys, values and activations off.
+        return {name for name, _ in model.named_parameters() if ".ia3_l." in name or name.endswith(".ia3_l")}

@@ -65,9 +65,17 @@ def wrap_and_try(model, config, ctx, method: str):
     return wrapped
 
 
-@PEFT.register("prefix", config=PrefixSettings)
-class PrefixTuning(PeftLibraryStrategy):
+class VirtualTokens(PeftLibraryStrategy):
     mergeable = False
+
+    def no_decay_parameter_names(self, model):
+        # Virtual tokens are embeddings (and, with prefix_projection, the MLP that produces them): decaying
+        # them toward 0 pulls them toward the zero vector, which is no token at all.
+        return {name for name, _ in model.named_parameters() if "prompt_encoder." in name}
+
+
+@PEFT.register("prefix", config=PrefixSettings)
+class PrefixTuning(VirtualTokens):
 
     def apply(self, model, ctx):
         s = self.settings
@@ -78,8 +86,7 @@ class PrefixTuning(PeftLibraryStrategy):
 
 
 @PEFT.register("prompt", config=PromptSettings)
-class PromptTuning(PeftLibraryStrategy):
-    mergeable = False
+class PromptTuning(VirtualTokens):
 
     def apply(self, model, ctx):
         s = self.settings

@@ -32,6 +32,8 @@ class TopLayersSettings:
 
 @PEFT.register("top_layers", config=TopLayersSettings)
 class TopLayers(SubsetStrategy):
+    trains_base_weights = "some"
+
     def apply(self, model, ctx):
         layers = transformer_layers(model)
         k = self.settings.num_layers

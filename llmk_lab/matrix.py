@@ -1,0 +1,427 @@
+"""What composes with what: every registered compression method x every registered PEFT strategy x task.
+
+The cells are generated from the registries, so a newly registered method joins
+the matrix by being registered. A cell either runs end to end on a tiny model
+built from a config (seconds), holding the invariants `check_cell` lists, or is
+refused by `plan()` before anything is written, in one line naming both options
+and why.
+
+    python -m llmk_lab.matrix --markdown          # the README's table (from plan() alone, no training)
+    python -m llmk_lab.matrix --run [--task T]    # run every cell and print passed / refused / failed
+
+The quick-tier test (`tests/test_matrix.py`) runs every cell and checks the
+invariants; the README test checks that the README holds `--markdown`'s table.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+# The tiny settings every cell runs with: a 2-layer, 32-wide model, a handful of optimiser steps,
+# the cost measurements (latency, size, fidelity) off, both exports on where possible.
+BASE = ["logger=none", "data.limit_train=16", "data.limit_eval=8", "train.batch_size=8", "train.eval_batch_size=8",
+        "train.max_steps=2", "train.val_every_n_epochs=0", "export.checkpoint=false", "export.adapter=true",
+        "measure.latency_batch_sizes=[]", "measure.size=false", "measure.fidelity=false", "sweep.checkpoint_every_minutes=0"]
+
+# Task -> (the overrides that select it, whether it gets every compression x PEFT pair or the slice).
+TASKS = {
+    "sequence_classification": ["model=tiny_bert", "data=movie_reviews"],
+    "token_classification": ["model=tiny_bert", "data=wnut16", "data.max_length=32"],
+    "causal_lm": ["model=tiny_llama", "data=shakespeare", "data.max_length=32"],
+    "masked_lm": ["model=tiny_bert", "data=movie_reviews", "data.task=masked_lm"],
+}
+FULL_TASK = "sequence_classification"
+# The other tasks get a slice: every PEFT strategy over one pruning method, and every compression method
+# under one PEFT strategy (the pairs whose interactions differ by task: heads, masks, merging).
+SLICE_COMPRESSION, SLICE_PEFT = "magnitude", "lora"
+
+# Settings that make an option's default cheap or meaningful on a 2-step, 16-example run; an option not
+# listed runs with its YAML defaults (so a newly registered method needs nothing here to join).
+TINY_SETTINGS = {
+    "adalora": ["peft.tinit=0", "peft.tfinal=0", "peft.deltaT=1", "peft.init_r=4", "peft.target_r=2"],
+    "prefix": ["peft.num_virtual_tokens=4"],
+    "prompt": ["peft.num_virtual_tokens=4"],
+    "adapter": ["peft.bottleneck=8"],
+    "gradual_magnitude": ["compression.frequency=1"],
+    "movement": ["compression.frequency=1"],
+    "wanda": ["compression.n_calibration=8"],
+    "sparsegpt": ["compression.n_calibration=8"],
+    "structured": ["compression.calibration_examples=8"],
+    # Random 32-wide weights have a flat spectrum: 90 % of the energy needs nearly full rank.
+    "low_rank": ["compression.rank=4"],
+    # A two-step chain: prune, then quantise.
+    "chain": ["compression.steps=[{method:magnitude,sparsity:0.5},{method:dynamic_int8}]"],
+}
+
+
+@dataclass(frozen=True)
+class Cell:
+    task: str
+    compression: str
+    peft: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.task}/{self.compression}+{self.peft}"
+
+    def overrides(self, merged: bool) -> list[str]:
+        return [*TASKS[self.task], f"compression={self.compression}", f"peft={self.peft}", *BASE,
+                f"export.merged={str(merged).lower()}",
+                *TINY_SETTINGS.get(self.compression, []), *TINY_SETTINGS.get(self.peft, [])]
+
+
+def registered() -> tuple[list[str], list[str]]:
+    from llmk_lab.compression import COMPRESSION
+    from llmk_lab.peft import PEFT
+
+    return COMPRESSION.names(), PEFT.names()
+
+
+def cells(tasks: Optional[list[str]] = None) -> list[Cell]:
+    compressions, pefts = registered()
+    out = []
+    for task in tasks or list(TASKS):
+        if task == FULL_TASK:
+            out += [Cell(task, c, p) for c in compressions for p in pefts]
+        else:
+            pairs = [(SLICE_COMPRESSION, p) for p in pefts] + [(c, SLICE_PEFT) for c in compressions
+                                                                if c != SLICE_COMPRESSION]
+            out += [Cell(task, c, p) for c, p in pairs]
+    return out
+
+
+_HYDRA_OPEN = False
+
+
+@contextlib.contextmanager
+def hydra_session():
+    """Hydra initialised once for many compositions (initialising it is most of a composition's cost)."""
+    global _HYDRA_OPEN
+    if _HYDRA_OPEN:
+        yield
+        return
+    from hydra import initialize_config_dir
+
+    from llmk_lab import register_all
+    from llmk_lab.cli import config_dir
+
+    register_all()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        _HYDRA_OPEN = True
+        try:
+            yield
+        finally:
+            _HYDRA_OPEN = False
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+
+    with hydra_session():
+        return hydra_compose(config_name="config", overrides=overrides)
+
+
+def refusal(cell: Cell, merged: bool) -> Optional[str]:
+    """plan()'s one-line refusal of the cell, or None when it is planned to run."""
+    from llmk_lab.errors import UserError
+    from llmk_lab.run import plan
+
+    try:
+        plan(compose(cell.overrides(merged)))
+    except UserError as err:
+        return str(err)
+    return None
+
+
+def refusals(cell: Cell) -> tuple[Optional[str], Optional[str]]:
+    """(refusal with both exports, refusal with the adapter export only), composing the cell once."""
+    from omegaconf import open_dict
+
+    from llmk_lab.errors import UserError
+    from llmk_lab.run import plan
+
+    cfg = compose(cell.overrides(True))
+    found = []
+    for merged in (True, False):
+        with open_dict(cfg):
+            cfg.export.merged = merged
+        try:
+            plan(cfg)
+            found.append(None)
+        except UserError as err:
+            found.append(str(err))
+        if found[0] is None:
+            return None, None
+    return found[0], found[1]
+
+
+@dataclass
+class Outcome:
+    cell: Cell
+    # passed (both exports) | passed (adapter export) | refused | failed
+    status: str
+    detail: str = ""
+    # The merged export's refusal, when the cell ran with the adapter export only.
+    merged_refusal: Optional[str] = None
+    checks: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        extra = f" [merged export refused: {self.merged_refusal}]" if self.merged_refusal else ""
+        return f"{self.status:<24} {self.cell.name}  {self.detail}{extra}".rstrip()
+
+
+class _Capture:
+    """Records what a cell's invariants need from inside the run: the frozen weights when fit starts and
+    ends, and the trained model at export time (for an independent check of the merged export)."""
+
+    def __init__(self):
+        self.ctx = None
+        self.frozen_changed: list[str] = []
+        self.frozen_count = 0
+
+    @contextlib.contextmanager
+    def installed(self):
+        import pytorch_lightning as pl
+        import torch
+
+        from llmk_lab import run as run_module
+
+        capture = self
+
+        class FrozenWeights(pl.Callback):
+            def on_fit_start(self, trainer, pl_module):
+                self.before = {n: p.detach().clone() for n, p in pl_module.model.named_parameters()
+                               if not p.requires_grad}
+                capture.frozen_count = len(self.before)
+
+            def on_fit_end(self, trainer, pl_module):
+                now = dict(pl_module.model.named_parameters())
+                capture.frozen_changed = [n for n, v in self.before.items()
+                                          if n not in now or not torch.equal(now[n].detach(), v)]
+
+        original_trainer, original_export = run_module.build_trainer, run_module.export
+
+        def build_trainer(settings, loggers, callbacks, run_dir):
+            return original_trainer(settings, loggers, [*callbacks, FrozenWeights()], run_dir)
+
+        def export(ctx, strategy, trainer):
+            capture.ctx = ctx
+            return original_export(ctx, strategy, trainer)
+
+        run_module.build_trainer, run_module.export = build_trainer, export
+        try:
+            yield self
+        finally:
+            run_module.build_trainer, run_module.export = original_trainer, original_export
+
+
+def run_cell(cell: Cell, workdir: Path, reference_totals: Optional[dict] = None) -> Outcome:
+    """Plan the cell with both exports (else with the adapter export only), run it, check its invariants."""
+    from llmk_lab.errors import UserError
+    from llmk_lab.run import run
+
+    merged_refusal, first = refusals(cell)
+    merged = merged_refusal is None
+    if first is not None:
+        return Outcome(cell, "refused", first)
+    run_dir = workdir / cell.name.replace("/", "__")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    capture = _Capture()
+    try:
+        with capture.installed():
+            metrics = run(compose(cell.overrides(merged)), run_dir)
+    except UserError as err:
+        # Refused, but only after the run started: plan() should have said so before anything was written.
+        return Outcome(cell, "failed", f"refused after plan(): {err}", merged_refusal)
+    except Exception as err:  # noqa: BLE001 - a cell's crash is its result
+        line = str(err).splitlines()[0] if str(err) else ""
+        return Outcome(cell, "failed", f"{type(err).__name__}: {line}", merged_refusal)
+    problems, checks = check_cell(cell, run_dir, metrics, capture, merged, reference_totals)
+    status = "passed (both exports)" if merged else "passed (adapter export)"
+    return Outcome(cell, "failed" if problems else status, "; ".join(problems), merged_refusal, checks)
+
+
+# Largest |logit difference| between the trained model and its merged export, relative to the logit scale.
+LOGIT_TOLERANCE = 1e-4
+
+
+def check_cell(cell: Cell, run_dir: Path, metrics: dict, capture: _Capture, merged: bool,
+               reference_totals: Optional[dict]) -> tuple[list[str], dict]:
+    """The invariants of a passing cell; returns (what is violated, what was measured)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llmk_lab.compression.masks import MASK
+    from llmk_lab.tasks import TASKS
+
+    problems: list[str] = []
+    checks: dict[str, Any] = {}
+    # 1. metrics.json exists, is complete, and holds the task metric.
+    path = run_dir / "metrics.json"
+    on_disk = json.loads(path.read_text()) if path.exists() else {}
+    primary = TASKS.get(cell.task).cls.primary_metric
+    for key in (f"val/{primary}", f"test/{primary}"):
+        if key not in on_disk:
+            problems.append(f"metrics.json lacks {key}")
+    if "failed_stage" in on_disk:
+        problems.append(f"metrics.json names a failed stage {on_disk['failed_stage']!r}")
+    # 2. Frozen weights are bit-identical before and after training.
+    checks["frozen_tensors"] = capture.frozen_count
+    if capture.frozen_changed:
+        problems.append(f"{len(capture.frozen_changed)} frozen tensors changed in training, e.g. "
+                        f"{capture.frozen_changed[0]}")
+    # 3. Parameter counts include quantised weights: a quantised model has as many weights as the float one.
+    if reference_totals is not None and ctx_quantized(capture.ctx):
+        expected = reference_totals.get((cell.task, cell.peft))
+        if expected is not None and metrics.get("params/total") != expected:
+            problems.append(f"params/total={metrics.get('params/total')} after quantisation, {expected} without")
+    if merged:
+        merged_dir = run_dir / "merged"
+        state = load_file(str(merged_dir / "model.safetensors"))
+        # 4. Sparsity after merging equals the zeros counted in the reloaded export.
+        per_layer = metrics.get("sparsity_per_layer_after_merge") or {}
+        for name, fraction in per_layer.items():
+            weight = state.get(f"{name}.weight")
+            if weight is None:
+                problems.append(f"merged export has no {name}.weight")
+                break
+            counted = float((weight == 0).sum()) / weight.numel()
+            if abs(counted - fraction) > 1e-9:
+                problems.append(f"{name}: sparsity/after_merge says {fraction:.4f}, the export has {counted:.4f}")
+                break
+        checks["layers_checked_for_sparsity"] = len(per_layer)
+        # 5. The merged export, reloaded with plain from_pretrained, predicts what the trained model predicts.
+        gap, scale = merged_gap(capture.ctx, merged_dir)
+        checks["merged_max_logit_gap"] = gap
+        if not gap <= LOGIT_TOLERANCE * (1 + scale):
+            problems.append(f"merged export's logits differ from the trained model's by {gap:.3g} "
+                            f"(logit scale {scale:.3g})")
+    # 6. Masks: every pruned layer of the trained model holds zeros where its mask says so.
+    if capture.ctx is not None:
+        for name, module in capture.ctx.model.named_modules():
+            mask = getattr(module, MASK, None)
+            weight = getattr(module, "weight", None)
+            if isinstance(mask, torch.Tensor) and type(weight) in (torch.Tensor, torch.nn.Parameter) \
+                    and weight.shape == mask.shape:
+                if bool((weight.detach()[~mask] != 0).any()):
+                    problems.append(f"{name}: pruned weights are non-zero after training")
+                    break
+    return problems, checks
+
+
+def ctx_quantized(ctx) -> bool:
+    from llmk_lab.compression.quantization import is_quantized
+
+    return ctx is not None and is_quantized(ctx.model)
+
+
+def merged_gap(ctx, merged_dir: Path) -> tuple[float, float]:
+    """Independent of the run's own check: reload the merged folder with the task's Auto class (no llmk_lab
+    code in the way), refuse missing or unexpected keys, compare logits on one validation batch."""
+    import torch
+
+    from llmk_lab.run import _prediction_logits
+
+    reloaded, info = ctx.task.auto_class.from_pretrained(merged_dir, dtype=torch.float32, output_loading_info=True)
+    bad = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
+    if bad:
+        return float("inf"), 0.0
+    batch = next(iter(ctx.datamodule.val_dataloader()))
+    with torch.no_grad():
+        ctx.model.eval()
+        trained = _prediction_logits(ctx.model.cpu()(**batch))
+        exported = _prediction_logits(reloaded.eval()(**batch))
+    return float((trained - exported).abs().max()), float(trained.abs().max())
+
+
+def run_matrix(tasks: Optional[list[str]] = None, workdir: Optional[Path] = None, echo=None) -> list[Outcome]:
+    """Every cell, in order; the compression=none cells run first so quantised cells have their reference."""
+    import logging
+
+    for name in ("pytorch_lightning", "lightning_fabric", "llmk_lab", "transformers", "peft"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    order = sorted(cells(tasks), key=lambda c: (list(TASKS).index(c.task), c.compression != "none"))
+    outcomes, totals = [], {}
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(hydra_session())
+        root = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        for cell in order:
+            outcome = run_cell(cell, root, totals)
+            if cell.compression == "none" and outcome.status.startswith("passed") and outcome.checks is not None:
+                metrics = json.loads((root / cell.name.replace("/", "__") / "metrics.json").read_text())
+                totals[(cell.task, cell.peft)] = metrics.get("params/total")
+            outcomes.append(outcome)
+            if echo:
+                echo(outcome.line())
+    return outcomes
+
+
+# --- The README table: from plan() alone ----------------------------------------------------------------------
+
+def markdown(task: str = FULL_TASK) -> str:
+    """compression x PEFT for `task`: `yes` (adapter and merged exports), `adapter (n)` (the merged export is
+    refused, note n says why), or `no (n)`; the notes follow the table."""
+    compressions, pefts = registered()
+    reasons: list[str] = []
+    rows = []
+
+    def note(why: str) -> str:
+        # One note per reason, whichever row and column it was refused for.
+        generic = why.replace(f"compression.method={c!r}", "compression.method=(row)").replace(
+            f"peft.method={p!r}", "peft.method=(column)")
+        if generic not in reasons:
+            reasons.append(generic)
+        return str(reasons.index(generic) + 1)
+
+    with hydra_session():
+        for c in compressions:
+            row = []
+            for p in pefts:
+                merged_why, why = refusals(Cell(task, c, p))
+                row.append("yes" if merged_why is None else f"adapter ({note(merged_why)})" if why is None
+                           else f"no ({note(why)})")
+            rows.append(f"| `{c}` | " + " | ".join(row) + " |")
+    header = "| compression \\ peft | " + " | ".join(f"`{p}`" for p in pefts) + " |"
+    rule = "|---|" + "---|" * len(pefts)
+    notes = [f"{i}. {r}" for i, r in enumerate(reasons, 1)]
+    return "\n".join([header, rule, *rows, "", *notes]).rstrip() + "\n"
+
+
+README_BEGIN = "<!-- composition matrix: generated by `python -m llmk_lab.matrix --markdown`; do not edit -->"
+README_END = "<!-- end of composition matrix -->"
+
+
+def readme_section(readme_text: str) -> str:
+    start, end = readme_text.index(README_BEGIN) + len(README_BEGIN), readme_text.index(README_END)
+    return readme_text[start:end].strip("\n") + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m llmk_lab.matrix", description=__doc__.splitlines()[0])
+    parser.add_argument("--markdown", action="store_true", help="print the README's compression x PEFT table")
+    parser.add_argument("--write-readme", type=Path, help="replace the table in this README")
+    parser.add_argument("--run", action="store_true", help="run every cell and print its outcome")
+    parser.add_argument("--task", action="append", choices=list(TASKS), help="only this task (repeatable)")
+    args = parser.parse_args(argv)
+    if args.write_readme:
+        text = args.write_readme.read_text()
+        start, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
+        args.write_readme.write_text(text[:start] + "\n" + markdown() + text[end:])
+    if args.markdown:
+        sys.stdout.write(markdown())
+    if args.run:
+        outcomes = run_matrix(args.task, echo=print)
+        failed = [o for o in outcomes if o.status == "failed"]
+        print(f"{len(outcomes)} cells: {len(outcomes) - len(failed)} passed or refused, {len(failed)} failed")
+        return 1 if failed else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
