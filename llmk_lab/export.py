@@ -289,8 +289,12 @@ def export_onnx(run_dir: Path, opset: int = 17) -> Path:
     dynamic = {k: {0: "batch", 1: "sequence"} for k in names}
     dynamic["logits"] = {0: "batch"}
     # The TorchScript exporter (dynamo=False) needs no extra package beyond onnx and handles BERT/Llama heads.
-    torch.onnx.export(model, example, str(dest / "model.onnx"), input_names=names, output_names=["logits"],
-                      dynamic_axes=dynamic, opset_version=opset, dynamo=False)
+    import warnings
+
+    with warnings.catch_warnings():  # torch calls this exporter legacy; it is the one that needs no onnxscript
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(model, example, str(dest / "model.onnx"), input_names=names, output_names=["logits"],
+                          dynamic_axes=dynamic, opset_version=opset, dynamo=False)
     for item in folder.iterdir():  # tokenizer files and llmk_lab.json, so the folder stands alone
         if item.is_file() and not item.name.endswith((".safetensors", ".bin")) and item.name != "config.json":
             shutil.copy2(item, dest / item.name)
