@@ -25,9 +25,15 @@ log = logging.getLogger("llmk_lab")
 
 
 def config_dir() -> str:
-    """`conf/` of the source tree (editable install) or the copy shipped in the package."""
-    source = Path(__file__).resolve().parent.parent / "conf"
-    return str(source if source.is_dir() else Path(__file__).resolve().parent / "conf")
+    """The config tree: the copy shipped inside the installed package (`pip install .` puts `conf/` there
+    as `llmk_lab/conf`), else `conf/` of the checkout the package is imported from (editable install).
+    The shipped copy comes first, so a `conf/` folder that happens to sit next to an installed package
+    (site-packages) is never taken for ours."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "conf", package.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return str(candidate)
+    return str(package.parent / "conf")
 
 
 def _holds_no_result(run_dir: Path) -> bool:

@@ -8,7 +8,7 @@ import pytest
 from llmk_lab.data import load_data
 from llmk_lab.errors import UserError
 from llmk_lab.run import plan
-from tests.conftest import compose_config, read_metrics, run_cli, run_config, ROOT
+from tests.conftest import compose_config, run_cli, run_config
 
 FAST = ["logger=csv", "compression=none", "export.checkpoint=false", "train.batch_size=8", "train.eval_batch_size=16"]
 WORDS = {"sports": ["match", "goal", "team", "coach", "league"], "food": ["pasta", "bread", "sauce", "oven", "salad"],

@@ -14,7 +14,7 @@ from llmk_lab.compression.wanda import wanda_scores
 from llmk_lab.errors import UserError
 from llmk_lab.run import plan
 
-from tests.conftest import compose_config, read_metrics, run_cli, run_config
+from tests.conftest import compose_config, run_cli, run_config
 
 VOCAB = 300
 METHODS = ["magnitude", "wanda", "sparsegpt", "random"]

@@ -7,7 +7,6 @@ import logging
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Optional
 
 import pytorch_lightning as pl

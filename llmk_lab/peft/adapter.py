@@ -19,7 +19,6 @@ the residual sum and LayerNorm), Llama `self_attn.o_proj` and `mlp.down_proj`
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
