@@ -326,8 +326,6 @@ def merged_gap(ctx, merged_dir: Path) -> tuple[float, float]:
     code in the way), refuse missing or unexpected keys, compare logits on one validation batch."""
     import torch
 
-    from llmk_lab.run import _prediction_logits
-
     reloaded, info = ctx.task.auto_class.from_pretrained(merged_dir, dtype=torch.float32, output_loading_info=True)
     bad = [k for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(k)]
     if bad:
@@ -335,8 +333,8 @@ def merged_gap(ctx, merged_dir: Path) -> tuple[float, float]:
     batch = next(iter(ctx.datamodule.val_dataloader()))
     with torch.no_grad():
         ctx.model.eval()
-        trained = _prediction_logits(ctx.model.cpu()(**batch))
-        exported = _prediction_logits(reloaded.eval()(**batch))
+        trained = ctx.task.logits(ctx.model.cpu()(**batch)).float()
+        exported = ctx.task.logits(reloaded.eval()(**batch)).float()
     return float((trained - exported).abs().max()), float(trained.abs().max())
 
 
