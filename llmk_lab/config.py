@@ -123,6 +123,13 @@ class TrainConfig:
     adversarial_epsilon: float = 1.0
     adversarial_steps: int = 3
     adversarial_alpha: Optional[float] = None
+    # Cross-layer task head (llmk_lab/training/pooling.py), classification tasks. `pooling`: how a
+    # sequence becomes one vector: model (the model's own head) | cls | mean | max | last_token.
+    # `layer_mix`: which layers feed the head: last | last_k (the last `layer_mix_k` concatenated) |
+    # scalar_mix (ELMo's softmax-weighted mix of all layers). Not exportable as a plain model.
+    pooling: str = "model"
+    layer_mix: str = "last"
+    layer_mix_k: int = 4
 
     def __post_init__(self) -> None:
         check(self.max_epochs >= 1, "max_epochs", self.max_epochs, "an integer >= 1")
@@ -161,6 +168,11 @@ class TrainConfig:
         check(self.adversarial_steps >= 1, "adversarial_steps", self.adversarial_steps, "an integer >= 1")
         check(self.adversarial_alpha is None or self.adversarial_alpha > 0, "adversarial_alpha",
               self.adversarial_alpha, "a positive number or null")
+        check(self.pooling in ("model", "cls", "mean", "max", "last_token"), "pooling", self.pooling,
+              "one of ['model', 'cls', 'mean', 'max', 'last_token']")
+        check(self.layer_mix in ("last", "last_k", "scalar_mix"), "layer_mix", self.layer_mix,
+              "one of ['last', 'last_k', 'scalar_mix']")
+        check(self.layer_mix_k >= 1, "layer_mix_k", self.layer_mix_k, "an integer >= 1")
         if self.monitor and self.val_every_n_epochs == 0:
             self.val_every_n_epochs = 1
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import get_scheduler
 
+from llmk_lab.training import pooling
 from llmk_lab.training.adversarial import EmbeddingAdversary
 from llmk_lab.training.llrd import split_by_depth
 from llmk_lab.training.regularization import (ADAPTIVE_KEY, AdaptiveWeightDecay, check_label_smoothing,
@@ -26,6 +27,8 @@ class TaskModule(pl.LightningModule):
         # (e.g. distillation), applied in order to the task loss.
         self.loss_terms: list[Callable[[dict, Any, torch.Tensor], torch.Tensor]] = []
         check_label_smoothing(task, train_cfg.label_smoothing)
+        if pooling.enabled(train_cfg):  # after the PEFT strategy: the new head trains under all of them
+            pooling.attach(model, task, train_cfg)
         if train_cfg.dropout is not None:
             override_dropout(model, train_cfg.dropout)
         self.adversary = (EmbeddingAdversary(train_cfg.adversarial, train_cfg.adversarial_epsilon,

@@ -34,6 +34,7 @@ from llmk_lab.module import TaskModule, ThroughputMonitor
 from llmk_lab.peft import PEFT, PeftStrategy
 from llmk_lab.registry import to_settings
 from llmk_lab.tasks import get_task
+from llmk_lab.training.pooling import refusal as pooling_refusal
 from llmk_lab.training.selection import restore_best, selection_callbacks
 from llmk_lab import jobs, tracking
 
@@ -66,6 +67,8 @@ def plan(cfg: DictConfig) -> Plan:
         raise UserError(f"export.merged=true is not possible with peft.method={strategy.registered_name!r}: "
                         "its update cannot be folded into the weights")
     refuse_combinations(settings, methods, strategy)
+    if pooling_refusal(settings.train, settings.export):
+        raise UserError(pooling_refusal(settings.train, settings.export))
     return Plan(settings, methods, strategy)
 
 

@@ -230,3 +230,88 @@ def test_adversarial_training_under_peft_reports_its_cost(tmp_path, tiny, peft):
                          tmp_path)
     assert metrics["train/adversarial_seconds"] > 0
     assert 0 < metrics["train/adversarial_seconds_per_step"] < metrics["train/seconds"]
+
+
+def test_scalar_mix_weights_sum_to_one_and_receive_gradients():
+    module, batch = _tiny_bert_module(pooling="mean", layer_mix="scalar_mix")
+    head = module.model.cross_layer_head
+    with torch.no_grad():
+        head.mix.scalars.copy_(torch.tensor([0.3, -0.2, 0.5]))  # 2 blocks + embeddings
+    outputs = module.model(**batch)
+    assert outputs.logits.shape == (4, 2)
+    assert float(head.mix.weights.sum()) == pytest.approx(1.0)
+    outputs.loss.backward()
+    assert head.mix.scalars.grad is not None and bool((head.mix.scalars.grad != 0).all())
+    assert head.mix.gamma.grad is not None and float(head.mix.gamma.grad) != 0
+    # the mix is what the formula says: gamma * sum_j softmax(w)_j h_j, mean-pooled, then the classifier
+    hidden = module.model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               output_hidden_states=True).hidden_states
+    weights = torch.softmax(torch.tensor([0.3, -0.2, 0.5]), 0)
+    mixed = sum(w * h for w, h in zip(weights, hidden)).mean(1)
+    head.eval()
+    assert torch.allclose(module.model.eval()(**batch).logits, head.classifier(mixed), atol=1e-5)
+    # the model's own classifier and pooler are bypassed, so frozen
+    assert not any(p.requires_grad for n, p in module.model.named_parameters() if "bert.pooler" in n
+                   or n.startswith("classifier."))
+
+
+@pytest.mark.parametrize("pooling, layer_mix", [("cls", "last"), ("max", "last"), ("last_token", "last_k"),
+                                                ("mean", "last_k")])
+def test_token_poolings_reduce_the_right_positions(pooling, layer_mix):
+    module, batch = _tiny_bert_module(pooling=pooling, layer_mix=layer_mix, layer_mix_k=2)
+    batch["attention_mask"][:, 7:] = 0  # three padding positions
+    module.model.eval()
+    hidden = module.model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                               output_hidden_states=True).hidden_states
+    states = torch.cat(hidden[-2:], -1) if layer_mix == "last_k" else hidden[-1]
+    expected = {"cls": states[:, 0], "max": states[:, :7].max(1).values, "last_token": states[:, 6],
+                "mean": states[:, :7].mean(1)}[pooling]
+    head = module.model.cross_layer_head
+    assert torch.allclose(module.model(**batch).logits, head.classifier(expected), atol=1e-5)
+    outputs = module.model(**batch)
+    assert float(outputs.loss) == pytest.approx(float(torch.nn.functional.cross_entropy(outputs.logits,
+                                                                                        batch["labels"])))
+
+
+def test_scalar_mix_for_token_classification_scores_every_token():
+    from transformers import BertConfig, BertForTokenClassification
+
+    from llmk_lab.config import TrainConfig
+    from llmk_lab.module import TaskModule
+    from llmk_lab.tasks import get_task
+
+    model = BertForTokenClassification(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=4, intermediate_size=64, num_labels=3))
+    module = TaskModule(model.eval(), get_task("token_classification", ["O", "B-x", "I-x"]),
+                        TrainConfig(layer_mix="scalar_mix"))
+    labels = torch.tensor([[-100, 0, 1, 2, -100], [-100, 2, 0, -100, -100]])
+    outputs = module.model(input_ids=torch.randint(0, 50, (2, 5)), attention_mask=torch.ones(2, 5, dtype=torch.long),
+                           labels=labels)
+    assert outputs.logits.shape == (2, 5, 3)
+    assert float(outputs.loss) == pytest.approx(float(torch.nn.functional.cross_entropy(
+        outputs.logits.reshape(-1, 3), labels.reshape(-1), ignore_index=-100)))
+    outputs.loss.backward()
+    assert bool((module.model.cross_layer_head.mix.scalars.grad != 0).all())
+    with pytest.raises(UserError, match=r"train\.pooling='mean'.*token_classification"):
+        TaskModule(BertForTokenClassification(model.config), get_task("token_classification", ["O", "B-x", "I-x"]),
+                   TrainConfig(pooling="mean"))
+
+
+@pytest.mark.parametrize("peft", ["lora", "ia3", "prompt", "bitfit"])
+def test_a_pooled_head_trains_under_peft_strategies(tmp_path, tiny, monkeypatch, peft):
+    seen = _capture_optimizer(monkeypatch)
+    metrics = run_config(tiny + STEPS + [f"peft={peft}", "train.pooling=mean", "train.layer_mix=scalar_mix",
+                                         "train.lr=0.05"], tmp_path)
+    head = seen["model"].cross_layer_head
+    optimised = {id(p) for g in seen["optimizer"].param_groups for p in g["params"]}
+    assert all(id(p) in optimised and p.requires_grad for p in head.parameters())
+    assert not torch.allclose(head.mix.scalars.detach(), torch.zeros(3))  # the mix weights moved in training
+    assert float(head.mix.weights.sum()) == pytest.approx(1.0)
+    assert "val/acc" in metrics and "merged" not in metrics["exports"]
+
+
+def test_a_pooled_head_refuses_merged_export_in_one_line():
+    with pytest.raises(UserError, match=r"export\.merged=true is not possible with a cross-layer head"):
+        plan(compose_config(["train.pooling=cls", "export.merged=true"]))
+    with pytest.raises(UserError, match=r"train\.layer_mix='all'.*allowed"):
+        plan(compose_config(["train.layer_mix=all"]))
