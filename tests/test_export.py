@@ -118,3 +118,34 @@ def test_unfinished_and_failed_run_directories_are_refused(tmp_path):
     (tmp_path / "failed" / "failed.json").write_text(json.dumps({"error": "loss diverged"}))
     with pytest.raises(UserError, match="the run failed \\(loss diverged\\)"):
         export.finished_model_dir(tmp_path / "failed")
+
+
+def test_compare_two_runs_on_the_same_inputs(pruned_lora_run, tmp_path, capsys):
+    from llmk_lab import compare
+
+    dense = tmp_path / "dense"
+    # the dense parent trained longer and faster, so the two models' distributions clearly differ
+    run_config(FAST + topic_csv(pruned_lora_run.parent) + ["compression=none", "peft=lora", "train.max_epochs=3",
+                                                           "train.lr=5e-3"], dense)
+    same = compare.compare(dense, dense, repeats=2)
+    assert same["agreement"] == 1.0 and same["mean_kl"] == pytest.approx(0.0, abs=1e-9)
+    assert same["size/ratio"] == 1.0 and all(v["b_minus_a"] == 0 for v in same["metrics"].values())
+    result = compare.compare(dense, pruned_lora_run, repeats=2)
+    # both runs stored their own outputs on the same test inputs: the comparison must agree with them
+    inputs_a, ref_a = export.load_reference(dense)
+    inputs_b, ref_b = export.load_reference(pruned_lora_run)
+    assert torch.equal(inputs_a["input_ids"], inputs_b["input_ids"])
+    assert result["agreement"] == pytest.approx(float((ref_a.argmax(-1) == ref_b.argmax(-1)).double().mean()))
+    kl = torch.nn.functional.kl_div(ref_b.log_softmax(-1), ref_a.log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1).mean()
+    assert result["mean_kl"] == pytest.approx(float(kl), rel=1e-3, abs=1e-7) and result["mean_kl"] > 1e-4
+    acc_a, acc_b = read_metrics(dense)["test/acc"], read_metrics(pruned_lora_run)["test/acc"]
+    assert result["metrics"]["test/acc"]["b_minus_a"] == pytest.approx(acc_b - acc_a)
+    # half of the tiny BERT's block-linear weights (2 blocks x (4 x 32x32 + 2 x 32x64)) are zeros in B only
+    assert result["params/nonzero_a"] - result["params/nonzero_b"] >= 0.45 * 2 * (4 * 32 * 32 + 2 * 32 * 64)
+    assert result["params/nonzero_ratio"] == result["params/nonzero_b"] / result["params/nonzero_a"] < 1
+    assert result["latency/ratio"] > 0
+    assert compare.main([str(dense), str(pruned_lora_run), "--repeats", "2", "--json", str(tmp_path / "c.json")]) == 0
+    out = capsys.readouterr().out
+    assert "agreement" in out and "latency ratio" in out
+    assert json.loads((tmp_path / "c.json").read_text())["agreement"] == result["agreement"]
