@@ -19,6 +19,7 @@ from llmk_lab.config_errors import HELP_FLAGS as _HELP_FLAGS, help_text, install
 from llmk_lab.errors import UserError
 from llmk_lab.manifest import write_json
 from llmk_lab.registry import check_values_lightly
+from llmk_lab.hardware import run_dir_for_rank
 from llmk_lab.sweep import completed_metrics, config_fingerprint, job_name, mark_completed, sweep_group
 
 log = logging.getLogger("llmk_lab")
@@ -61,7 +62,7 @@ def run_job(cfg: DictConfig) -> float:
     """
     _quiet_library_chatter()
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
+    run_dir = run_dir_for_rank(Path(hydra_cfg.runtime.output_dir))  # only rank zero writes the run dir
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     overrides = list(hydra_cfg.overrides.task)
     sweep_dir = Path(hydra_cfg.sweep.dir) if multirun else None

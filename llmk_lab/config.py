@@ -177,24 +177,44 @@ class TrainConfig:
             self.val_every_n_epochs = 1
 
 
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "64-true")
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "fsdp", "deepspeed", "single_device")
+
+
 @dataclass
 class HardwareConfig:
-    # Lightning accelerator: cpu | gpu | auto.
+    # Lightning accelerator: cpu | gpu | cuda | mps | auto. `gpu` without a CUDA GPU is refused in one line.
     accelerator: str = "cpu"
+    # Devices per node: a count, -1 (every visible GPU), a list of GPU indices, or auto.
     devices: Any = 1
+    # Machines; with SLURM, one task per device on each (`srun`, or `+launcher=slurm`'s tasks_per_node).
     num_nodes: int = 1
-    # Lightning strategy: auto | ddp | fsdp | ...
+    # Lightning strategy: auto | ddp (one process per device; on CPU with gloo) | fsdp (GPUs, sharded
+    # parameters, gradients and optimiser state) | ddp_spawn | deepspeed.
     strategy: str = "auto"
-    # Lightning precision: 32-true | bf16-mixed | 16-mixed | ...
+    # Lightning precision: 32-true | bf16-mixed (CPU or GPU) | 16-mixed (GPU, with loss scaling) | bf16-true.
     precision: str = "32-true"
-    # CPU threads for torch (null: torch's default, one per core).
-    threads: Optional[int] = None
+    # CPU threads per process: a number, `auto` (this machine's cores divided by the jobs running at
+    # once, the joblib launcher's n_jobs, and by the processes of a DDP job), or null (torch's default).
+    # The manifest records the number and the rule.
+    threads: Any = None
+    # Recompute activations in the backward pass instead of storing them (less memory; each block runs twice).
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         check(self.accelerator in ("cpu", "gpu", "cuda", "mps", "auto"), "accelerator", self.accelerator,
               "one of ['cpu', 'gpu', 'cuda', 'mps', 'auto']")
         check(self.num_nodes >= 1, "num_nodes", self.num_nodes, "an integer >= 1")
-        check(self.threads is None or self.threads >= 1, "threads", self.threads, "a positive integer or null")
+        check(self.threads is None or self.threads == "auto" or (isinstance(self.threads, int)
+                                                                 and not isinstance(self.threads, bool)
+                                                                 and self.threads >= 1),
+              "threads", self.threads, "a positive integer, auto or null")
+        check(str(self.precision) in PRECISIONS, "precision", self.precision, f"one of {list(PRECISIONS)}")
+        check(self.strategy in STRATEGIES, "strategy", self.strategy, f"one of {list(STRATEGIES)}")
+        devices_ok = (self.devices == "auto" or (isinstance(self.devices, int) and not isinstance(self.devices, bool)
+                                                 and (self.devices >= 1 or self.devices == -1))
+                      or (isinstance(self.devices, (list, tuple)) and len(self.devices) > 0))
+        check(devices_ok, "devices", self.devices, "a count >= 1, -1 (all GPUs), a list of GPU indices or auto")
 
 
 LOGGER_KINDS = ("wandb", "tensorboard", "csv", "none")

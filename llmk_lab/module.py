@@ -59,7 +59,8 @@ class TaskModule(pl.LightningModule):
     def _eval_step(self, stage: str, batch) -> None:
         outputs = self.task.eval_outputs(self.model, batch)
         self.task.update_metrics(self.metrics[stage], batch, outputs)
-        self.log(f"{stage}/loss", outputs.loss, on_epoch=True, batch_size=len(batch["input_ids"]))
+        # sync_dist: under DDP each process sees a shard of the split; the logged loss is over all of them.
+        self.log(f"{stage}/loss", outputs.loss, on_epoch=True, batch_size=len(batch["input_ids"]), sync_dist=True)
 
     def validation_step(self, batch, batch_idx):
         self._eval_step("val", batch)

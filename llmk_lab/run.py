@@ -36,7 +36,7 @@ from llmk_lab.registry import to_settings
 from llmk_lab.tasks import get_task
 from llmk_lab.training.pooling import refusal as pooling_refusal
 from llmk_lab.training.selection import restore_best, selection_callbacks
-from llmk_lab import jobs, tracking
+from llmk_lab import hardware, jobs, tracking
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +94,25 @@ def refuse_combinations(settings: RunConfig, methods: list[CompressionMethod], s
 
 def build_trainer(settings: RunConfig, loggers: list, callbacks: list, run_dir: Path) -> pl.Trainer:
     hw, train = settings.hardware, settings.train
+    hardware.reset_after_previous_job()  # a sweep's earlier DDP job in this process must not be joined
+    callbacks = list(callbacks)
+    if hw.gradient_checkpointing:
+        callbacks.append(hardware.gradient_checkpointing_callback())
+    if hw.strategy in hardware.DISTRIBUTED_STRATEGIES:
+        callbacks.append(hardware.replica_check_callback())  # every rank built the same model
+    # fast_dev_run of a run that does not train (max_steps=0) is one batch of each evaluation, not one
+    # training step: Lightning's fast_dev_run would train (and a 135M LM's training step needs ~20 GB).
+    smoke_eval_only = train.fast_dev_run and train.max_steps == 0
+    limits = {"limit_val_batches": 1, "limit_test_batches": 1} if smoke_eval_only else {}
     return pl.Trainer(
-        accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, strategy=hw.strategy,
+        accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, strategy=hardware.strategy(hw),
         precision=hw.precision, max_epochs=train.max_epochs, max_steps=train.max_steps,
         gradient_clip_val=train.grad_clip, accumulate_grad_batches=train.accumulate_grad_batches,
-        log_every_n_steps=train.log_every_n_steps, fast_dev_run=train.fast_dev_run,
+        log_every_n_steps=train.log_every_n_steps, fast_dev_run=train.fast_dev_run and not smoke_eval_only,
         check_val_every_n_epoch=train.val_every_n_epochs or train.max_epochs + 1,
         num_sanity_val_steps=0, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
         enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
-        enable_model_summary=False, deterministic="warn",
+        enable_model_summary=False, deterministic="warn", **limits,
     )
 
 
@@ -267,8 +277,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     # 0. validate everything before doing anything expensive
     p = plan(cfg)
     settings = p.settings
-    if settings.hardware.threads:
-        torch.set_num_threads(settings.hardware.threads)
+    hardware.prepare(settings.hardware)  # the hardware asked for is there; torch threads (threads=auto)
     pl.seed_everything(settings.seed, workers=True, verbose=False)
 
     # 2-3. data and model
@@ -317,7 +326,11 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         trainer.fit(ctx.module, datamodule=datamodule, ckpt_path=jobs.checkpoint_to_resume(settings, run_dir))
         train_figures = {"train/examples_per_s": throughput.examples_per_second,
                          "train/peak_memory_mb": peak_memory_mb(), "train/examples": throughput.examples,
-                         "train/steps": trainer.global_step, "train/seconds": throughput.seconds}
+                         "train/steps": trainer.global_step, "train/seconds": throughput.seconds,
+                         # examples per optimiser step, over every process of a distributed run
+                         "train/effective_batch_size": (settings.train.batch_size * trainer.world_size
+                                                        * settings.train.accumulate_grad_batches),
+                         "train/world_size": trainer.world_size}
         train_figures.update(restore_best(ctx.module, trainer, callbacks))  # the selected weights from here on
         if ctx.module.adversary is not None:
             train_figures.update(ctx.module.adversary.figures())
@@ -333,6 +346,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         # 8. evaluate and measure
         with stages.stage("evaluate"):
             metrics.update(evaluate(trainer, ctx.module, datamodule))
+        hardware.leave_distributed(trainer)  # a distributed run's other ranks end here; rank zero goes on alone
         with stages.stage("parameter_counts"):
             params = parameter_counts(ctx.model)
             metrics.update({f"params/{k}": v for k, v in params.items()})

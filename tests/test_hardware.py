@@ -143,3 +143,233 @@ def test_bad_values_are_refused_by_the_light_check_with_the_full_key():
             continue
         with pytest.raises(UserError, match=key.replace(".", r"\.")):
             check_values_lightly(cfg)
+
+
+# ------------------------------------------------------------------ hardware settings
+
+def _settings(overrides):
+    from llmk_lab.run import plan
+    from tests.conftest import compose_config
+
+    return plan(compose_config(overrides)).settings
+
+
+def test_hardware_presets_compose_and_validate():
+    from llmk_lab.config import HardwareConfig
+    from tests.conftest import ROOT
+
+    names = sorted(p.stem for p in (ROOT / "conf" / "hardware").glob("*.yaml"))
+    assert names == ["cpu", "fsdp", "gpu", "multi_gpu", "multi_node"]
+    for name in names:
+        hw = _settings([f"hardware={name}"]).hardware
+        assert isinstance(hw, HardwareConfig)
+    assert _settings(["hardware=multi_gpu"]).hardware.strategy == "ddp"
+    assert _settings(["hardware=fsdp"]).hardware.strategy == "fsdp"
+
+
+@pytest.mark.parametrize("override, key", [("hardware.precision=fp8", "hardware.precision='fp8'"),
+                                           ("hardware.strategy=horovod", "hardware.strategy='horovod'"),
+                                           ("hardware.threads=0", "hardware.threads=0"),
+                                           ("hardware.devices=0", "hardware.devices=0")])
+def test_bad_hardware_values_name_the_key(override, key):
+    from llmk_lab.errors import UserError
+
+    with pytest.raises(UserError, match=key.replace(".", r"\.")):
+        _settings([override])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given without CUDA")
+@pytest.mark.parametrize("override, says", [("hardware=gpu", "no CUDA GPU is visible"),
+                                            ("hardware=multi_gpu", "no CUDA GPU is visible"),
+                                            ("hardware.precision=16-mixed", "needs a GPU"),
+                                            ("hardware.strategy=fsdp", "needs CUDA GPUs")])
+def test_hardware_that_is_not_there_is_one_line(override, says):
+    from llmk_lab import hardware
+    from llmk_lab.errors import UserError
+
+    with pytest.raises(UserError, match=says) as err:
+        hardware.check_available(_settings([override]).hardware)
+    assert "\n" not in str(err.value)
+
+
+def test_threads_auto_divides_the_cores_among_parallel_jobs_and_processes():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from llmk_lab import hardware
+    from llmk_lab.cli import config_dir
+
+    hw = _settings(["hardware.threads=auto"]).hardware
+    assert hardware.resolve_threads(hw, cores=8)[0] == 8  # one job alone gets every core
+    ddp = _settings(["hardware.threads=auto", "hardware.strategy=ddp", "hardware.devices=2"]).hardware
+    assert hardware.resolve_threads(ddp, cores=8)[0] == 4
+    assert hardware.resolve_threads(_settings(["hardware.threads=3"]).hardware, cores=8) == (3, "hardware.threads")
+    def as_joblib_job(n_jobs: int) -> None:  # what a job of `-m +launcher=parallel` sees
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=["+launcher=parallel", f"hydra.launcher.n_jobs={n_jobs}"],
+                          return_hydra_config=True)
+        HydraConfig.instance().set_config(cfg)
+
+    try:
+        as_joblib_job(2)
+        assert hardware.parallel_jobs(8) == (2, "joblib launcher n_jobs=2")
+        threads, rule = hardware.resolve_threads(hw, cores=8)
+        assert threads == 4 and "2 parallel jobs" in rule
+        assert hardware.resolve_threads(ddp, cores=8)[0] == 2
+        as_joblib_job(-1)  # joblib: every core, one job per core
+        assert hardware.resolve_threads(hw, cores=8)[0] == 1
+    finally:
+        HydraConfig.instance().cfg = None
+
+
+def test_fast_dev_run_of_an_evaluation_only_run_does_not_train(tmp_path):
+    from llmk_lab.run import build_trainer
+
+    settings = _settings(["train.fast_dev_run=true", "train.max_steps=0", "logger=csv"])
+    trainer = build_trainer(settings, [], [], tmp_path)
+    assert trainer.max_steps == 0 and not trainer.fast_dev_run
+    assert trainer.limit_val_batches == 1 and trainer.limit_test_batches == 1
+    trainer = build_trainer(_settings(["train.fast_dev_run=true"]), [], [], tmp_path)
+    assert trainer.fast_dev_run  # a run that trains keeps Lightning's one training step
+
+
+def test_bf16_mixed_runs_on_cpu_and_changes_the_numbers(tmp_path, tiny):
+    from tests.conftest import run_config
+
+    fp32 = run_config([*tiny, "compression=none"], tmp_path / "fp32")
+    bf16 = run_config([*tiny, "compression=none", "hardware.precision=bf16-mixed"], tmp_path / "bf16")
+    assert math.isfinite(bf16["test/loss"])
+    # bf16 autocast rounds the matmuls: a precision setting that was ignored would give fp32's exact loss.
+    assert bf16["test/loss"] != fp32["test/loss"]
+    assert bf16["test/loss"] == pytest.approx(fp32["test/loss"], abs=0.05)
+    assert bf16["train/effective_batch_size"] == 16 and bf16["train/world_size"] == 1
+
+
+def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
+    from types import SimpleNamespace
+
+    from llmk_lab import hardware
+
+    batch = lm_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_llama().train()
+        if checkpointing:
+            hardware.gradient_checkpointing_callback().setup(None, SimpleNamespace(model=model), "fit")
+            assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+        model(**batch).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_replica_digest_sees_a_different_mask_and_the_check_refuses_it():
+    from llmk_lab import hardware
+    from llmk_lab.compression.masks import set_mask
+
+    a, b = tiny_llama(), tiny_llama()
+    assert hardware.replica_digest(a) == hardware.replica_digest(b)
+    layer_a, layer_b = a.model.layers[0].mlp.up_proj, b.model.layers[0].mlp.up_proj
+    keep = torch.ones_like(layer_a.weight, dtype=torch.bool)
+    set_mask(layer_a, keep)
+    keep = keep.clone()
+    keep[0, 0] = False
+    with torch.no_grad():
+        layer_b.weight[0, 0] = layer_a.weight[0, 0]  # same weights, only the mask differs
+    layer_b.register_buffer("llmk_mask", keep, persistent=False)
+    assert hardware.replica_digest(a) != hardware.replica_digest(b)
+    hardware.check_replicas([hardware.replica_digest(a)] * 2)
+    with pytest.raises(RuntimeError, match="different models"):
+        hardware.check_replicas([hardware.replica_digest(a), hardware.replica_digest(b)])
+
+
+def test_only_rank_zero_writes_the_run_dir(tmp_path, monkeypatch):
+    from llmk_lab import hardware
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SLURM_NTASKS"):
+        monkeypatch.delenv(key, raising=False)
+    assert hardware.run_dir_for_rank(tmp_path) == tmp_path
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    scratch = hardware.run_dir_for_rank(tmp_path)
+    assert scratch != tmp_path and scratch.is_dir() and not scratch.is_relative_to(tmp_path)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert not hardware.is_rank_zero()
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # one task: SLURM_PROCID says nothing about ranks
+    assert hardware.is_rank_zero()
+
+
+# ------------------------------------------------------------------ DDP on 2 CPU processes (gloo)
+
+# One optimiser step per epoch over all 16 training examples and no dropout: one process with batch 16
+# and two with batch 8 each compute the same mean gradient, so they must end with the same model.
+DDP_RUN = ["model=tiny_bert", "+model.from_config.hidden_dropout_prob=0.0",
+           "+model.from_config.attention_probs_dropout_prob=0.0", "logger=csv", "data.limit_train=16",
+           "data.limit_eval=32", "train.max_epochs=3", "train.lr=5e-3", "train.warmup_ratio=0",
+           "export.checkpoint=false", "peft=lora", "peft.dropout=0.0", "measure.latency_batch_sizes=[]"]
+
+
+def _cli_run(args: list[str], cwd, scratch) -> dict:
+    import json
+
+    from tests.conftest import run_cli
+
+    out = run_cli([*args, "hydra.run.dir=run"], cwd, env={"TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((cwd / "run" / "metrics.json").read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("compression", ["none", "wanda"])
+def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_effective_batch(tmp_path, compression):
+    extra = [f"compression={compression}"] + (["compression.n_calibration=8"] if compression == "wanda" else [])
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    (tmp_path / "scratch").mkdir()
+    one = _cli_run([*DDP_RUN, *extra, "train.batch_size=16"], tmp_path / "one", tmp_path / "scratch")
+    two = _cli_run([*DDP_RUN, *extra, "train.batch_size=8", "hardware.strategy=ddp", "hardware.devices=2"],
+                   tmp_path / "two", tmp_path / "scratch")
+    assert (one["train/world_size"], two["train/world_size"]) == (1, 2)
+    assert one["train/effective_batch_size"] == two["train/effective_batch_size"] == 16
+    assert one["train/steps"] == two["train/steps"] == 3
+    for key in ("val/acc", "test/acc", "test/macro_f1"):
+        assert two[key] == one[key], key
+    for key in ("val/loss", "test/loss"):  # aggregated over both processes' halves of the split
+        assert two[key] == pytest.approx(one[key], abs=1e-4), key
+    if compression == "wanda":
+        assert two["sparsity/pruned_layers"] == one["sparsity/pruned_layers"]
+    run_dir = tmp_path / "two" / "run"
+    # One run directory holding everything once; the other rank wrote only its log there.
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["run"]
+    assert (run_dir / "adapter" / "adapter_config.json").exists() and (run_dir / "rank_1.log").exists()
+    assert list((tmp_path / "scratch").glob("llmk_lab-rank*")) == []  # its scratch folder is gone
+    log = (run_dir / "llmk_lab.log").read_text()
+    assert "all 2 processes hold the same model" in log  # masks and adapters identical before training
+    assert json_manifest(run_dir)["hardware"]["processes_per_job"] == 2
+
+
+def json_manifest(run_dir):
+    import json
+
+    return json.loads((run_dir / "manifest.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_multirun_of_ddp_jobs_runs_each_job_once(tmp_path):
+    from tests.conftest import run_cli
+
+    (tmp_path / "scratch").mkdir()
+    out = run_cli(["-m", *DDP_RUN, "train.max_epochs=1", "compression=none", "hardware.strategy=ddp",
+                   "hardware.devices=2", "train.batch_size=8", "seed=1,2", "hydra.sweep.dir=sweep"], tmp_path,
+                  env={"TMPDIR": str(tmp_path / "scratch"), "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = sorted(p.name for p in (tmp_path / "sweep").iterdir() if p.is_dir() and p.name.isdigit())
+    assert jobs == ["0", "1"]
+    for job in jobs:
+        metrics = (tmp_path / "sweep" / job / "metrics.json")
+        assert metrics.exists() and (tmp_path / "sweep" / job / "rank_1.log").exists()
+    # Lightning's own launcher would have re-run the whole sweep in each extra process: more sweeps,
+    # more job directories, and every job's log would show it starting more than once.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch", "sweep"]
+    for job in jobs:
+        assert (tmp_path / "sweep" / job / "llmk_lab.log").read_text().count("starting rank 1") == 1
