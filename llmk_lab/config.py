@@ -317,8 +317,6 @@ class RunConfig:
     seed: int = 42
     # Metric the run returns to Hydra's sweepers (e.g. Optuna).
     optimized_metric: str = "test/acc"
-    # Where the run writes its outputs; set by Hydra.
-    run_dir: Optional[str] = None
 
 
 def register_schemas() -> None:

@@ -1,22 +1,38 @@
-"""What the stages of a run share: passed to compression methods and PEFT strategies."""
+"""What the stages of a run share: passed to compression methods and PEFT strategies.
+
+Every field is declared here, and the class has slots: a stage that needs to
+leave something for a later one adds a field with its meaning, instead of
+setting an attribute nobody else knows about.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from torch import nn
+    from transformers import PreTrainedTokenizerBase
+
+    from llmk_lab.config import RunConfig
+    from llmk_lab.data.module import TaskDataModule
+    from llmk_lab.module import TaskModule
+    from llmk_lab.tasks import Task
 
 
-@dataclass
+@dataclass(slots=True)
 class RunContext:
-    settings: Any  # the validated RunConfig dataclass
+    settings: RunConfig  # the validated config
     run_dir: Path
-    task: Any
-    tokenizer: Any
-    model: Any  # replaced by stages that wrap or rebuild the model
-    datamodule: Any
+    task: Task
+    tokenizer: PreTrainedTokenizerBase
+    model: nn.Module  # replaced by stages that wrap or rebuild the model
+    datamodule: TaskDataModule
     # The Lightning module, once built (fit-time methods add loss terms to it).
-    module: Optional[Any] = None
+    module: Optional[TaskModule] = None
     # The model as loaded, before any compression, when a method needs a reference.
-    dense_model: Optional[Any] = None
+    dense_model: Optional[nn.Module] = None
+    # The compression method that quantised the model, if one did: a second quantisation is refused.
+    quantized_by: Optional[str] = None
     # What each stage reports; flattened into metrics.json.
     reports: dict[str, Any] = field(default_factory=dict)

@@ -6,7 +6,7 @@ import resource
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -60,25 +60,6 @@ def peak_memory_mb() -> float:
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-@torch.inference_mode()
-def latency(model: nn.Module, batches: Iterable[dict], repeats: int = 5, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per batch over `repeats` passes of each batch (after warm-up)."""
-    model.eval()
-    batches = list(batches)
-    for batch in batches[:warmup]:
-        model(**batch)
-    times = []
-    for _ in range(repeats):
-        for batch in batches:
-            start = time.perf_counter()
-            model(**batch)
-            times.append(time.perf_counter() - start)
-    times.sort()
-    median = times[len(times) // 2]
-    size = len(batches[0]["input_ids"])
-    return {"ms_per_batch": 1000 * median, "examples_per_s": size / median}
 
 
 # --- What every compression run reports next to its task metric -------------------------------------------
@@ -218,7 +199,7 @@ def fidelity_figures(compressed: nn.Module, dense: nn.Module, task, loader) -> d
     for batch in loader:
         dense_out, small_out = dense(**batch), compressed(**batch)
         task.update_metrics(reference_metrics, batch, dense_out)
-        d, c = dense_out.logits.float(), small_out.logits.float()
+        d, c = task.logits(dense_out).float(), task.logits(small_out).float()
         labels = batch.get("labels")
         valid = (labels != -100) if labels is not None and labels.shape == d.shape[:-1] else \
             torch.ones(d.shape[:-1], dtype=torch.bool)

@@ -144,10 +144,11 @@ class Distillation(CompressionMethod):
 
         def distill(batch, outputs, loss):
             with torch.no_grad():
-                teacher_logits = teacher(**batch).logits
+                teacher_logits = ctx.task.logits(teacher(**batch))
+            logits = ctx.task.logits(outputs)
             labels = batch.get("labels")
-            valid = labels != -100 if labels is not None and labels.shape == outputs.logits.shape[:-1] else None
-            return distillation_loss(outputs.logits, teacher_logits, loss, s.alpha, s.temperature, valid)
+            valid = labels != -100 if labels is not None and labels.shape == logits.shape[:-1] else None
+            return distillation_loss(logits, teacher_logits, loss, s.alpha, s.temperature, valid)
 
         ctx.module.loss_terms.append(distill)
         return [TeacherPlacement(teacher)]

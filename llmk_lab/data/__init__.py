@@ -73,7 +73,7 @@ def load_data(cfg) -> RawData:
         raw.task = cfg.task
     task_cls = TASKS.get(raw.task, "data.task").cls
     # Tasks that cut a text stream into windows count limits in windows (after tokenising), not documents.
-    if not getattr(task_cls, "limits_count_windows", False):
+    if not task_cls.limits_count_windows:
         if cfg.limit_train:
             raw.splits["train"] = raw.splits["train"][: cfg.limit_train]
         if cfg.limit_eval:
@@ -82,13 +82,10 @@ def load_data(cfg) -> RawData:
     for split in SPLITS:
         if not raw.splits.get(split):
             raise UserError(f"data.name={cfg.name!r}: the {split} split is empty")
-    check_examples = getattr(task_cls, "check_examples", None)
-    if check_examples is not None:
-        check_examples(raw, cfg)
+    task_cls.check_examples(raw, cfg)
     raw.source.update(sizes=raw.sizes(), task=raw.task)
-    protocol = getattr(task_cls, "protocol", None)
-    if protocol:  # how the task's headline number is computed, next to the data it was computed on
-        raw.source["protocol"] = protocol.format(seqlen=cfg.max_length)
+    if task_cls.protocol:  # how the task's headline number is computed, next to the data it was computed on
+        raw.source["protocol"] = task_cls.protocol.format(seqlen=cfg.max_length)
     return raw
 
 

@@ -35,21 +35,13 @@ def cache_key(raw: RawData, task_name: str, tokenizer, data_cfg) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
 
 
-def tokenize_split(task, tokenizer, examples: list[dict], data_cfg, split: str) -> list[dict]:
-    """Tasks whose tokenisation depends on the split (static eval masks, ...) define `tokenize_split`."""
-    by_split = getattr(task, "tokenize_split", None)
-    if by_split is not None:
-        return by_split(tokenizer, examples, data_cfg, split)
-    return task.tokenize(tokenizer, examples, data_cfg)
-
-
 def tokenize_cached(raw: RawData, task, tokenizer, data_cfg) -> tuple[dict[str, list[dict]], bool]:
     """Tokenise every split once per (data, task, tokenizer, max length, options); returns (splits, cache_hit)."""
     key = cache_key(raw, task.registered_name, tokenizer, data_cfg)
     path = cache_root() / "tokenized" / f"{key}.pt"
     if path.exists():
         return torch.load(path, weights_only=True), True
-    splits = {split: tokenize_split(task, tokenizer, raw.splits[split], data_cfg, split) for split in SPLITS}
+    splits = {split: task.tokenize_split(tokenizer, raw.splits[split], data_cfg, split) for split in SPLITS}
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a parallel job never reads a half-written file.
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as handle:
@@ -63,9 +55,7 @@ class TaskDataModule(pl.LightningDataModule):
         super().__init__()
         self.raw, self.task, self.tokenizer = raw, task, tokenizer
         self.data_cfg, self.train_cfg, self.seed = data_cfg, train_cfg, seed
-        configure = getattr(task, "configure", None)
-        if configure is not None:
-            configure(data_cfg, seed)
+        task.configure(data_cfg, seed)
         started = time.perf_counter()
         self.tokenized, self.cache_hit = tokenize_cached(raw, task, tokenizer, data_cfg)
         self.tokenize_seconds = time.perf_counter() - started
@@ -76,7 +66,7 @@ class TaskDataModule(pl.LightningDataModule):
 
     def _limited(self, tokenized: dict[str, list[dict]]) -> dict[str, list[dict]]:
         """Limits counted in tokenised examples (windows) for tasks that cut a text stream."""
-        if not getattr(self.task, "limits_count_windows", False):
+        if not self.task.limits_count_windows:
             return tokenized
         limits = {"train": self.data_cfg.limit_train, "validation": self.data_cfg.limit_eval,
                   "test": self.data_cfg.limit_eval}
@@ -106,15 +96,11 @@ class TaskDataModule(pl.LightningDataModule):
     def calibration_batches(self, n_examples: int, batch_size: Optional[int] = None) -> list[dict]:
         """Calibration data for one-shot compression, from training data only (never validation/test).
 
-        The task decides how it is drawn (causal LM: random windows of the
-        training text, seed 0); otherwise the first `n_examples` training
-        examples of the fixed, seeded split.
+        The task decides how it is drawn (`Task.calibration_examples`: the first
+        `n_examples` training examples of the fixed, seeded split; causal LM:
+        random windows of the training text, seed 0).
         """
-        draw = getattr(self.task, "calibration_examples", None)
-        if draw is not None:
-            examples = draw(self.tokenized, n_examples, self.data_cfg)
-        else:
-            examples = self.tokenized["train"][:n_examples]
+        examples = self.task.calibration_examples(self.tokenized, n_examples, self.data_cfg)
         loader = DataLoader(examples, batch_size=batch_size or self.train_cfg.eval_batch_size,
                             shuffle=False, collate_fn=self.collate)
         return list(loader)

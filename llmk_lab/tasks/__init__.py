@@ -6,7 +6,7 @@ a task is one file in this folder.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torchmetrics import MetricCollection
@@ -15,17 +15,22 @@ from llmk_lab.registry import Registry, import_submodules
 
 
 class Task:
-    """Interface every task implements."""
+    """Interface every task implements. The data module and the loaders call only what is declared here;
+    a task overrides the hooks whose defaults do not fit it."""
 
     registered_name: str
     # transformers Auto class whose head the task trains.
     auto_class: Any
     # peft `TaskType` name, so peft knows which head to keep trainable.
-    peft_task_type: str
+    peft_task_type: Optional[str]
     # Metric (without stage prefix) that sums up the task, e.g. "acc".
     primary_metric: str
     # Top-level submodules that form the task head: trained by every PEFT strategy.
     head_modules: tuple[str, ...] = ("classifier", "score")
+    # Whether `data.limit_*` count tokenised examples (windows cut from a text stream) rather than raw examples.
+    limits_count_windows: bool = False
+    # How the headline number is computed, recorded in the manifest next to the data (`{seqlen}`: data.max_length).
+    protocol: Optional[str] = None
 
     def __init__(self, labels: list[str] | None = None):
         self.labels = labels
@@ -34,8 +39,29 @@ class Task:
         """Extra arguments for `from_pretrained` (e.g. num_labels)."""
         return {}
 
+    def configure(self, data_cfg, seed: int) -> None:
+        """Read task options from the data config before tokenising (e.g. the masking probability)."""
+
+    @staticmethod
+    def check_examples(raw, data_cfg) -> None:
+        """Refuse raw examples the task cannot use, in one line naming the data key (default: accept all)."""
+
     def tokenize(self, tokenizer, examples: list[dict], data_cfg) -> list[dict]:
         raise NotImplementedError
+
+    def tokenize_split(self, tokenizer, examples: list[dict], data_cfg, split: str) -> list[dict]:
+        """Tokenise one split; tasks whose evaluation splits differ (fixed masks, ...) override this."""
+        return self.tokenize(tokenizer, examples, data_cfg)
+
+    def calibration_examples(self, splits: dict[str, list[dict]], n_examples: int, data_cfg) -> list[dict]:
+        """Tokenised training examples for one-shot compression (never validation or test): the first
+        `n_examples` of the fixed, seeded split; causal LM draws random windows instead."""
+        return splits["train"][:n_examples]
+
+    def logits(self, outputs: Any) -> torch.Tensor:
+        """The scores the task's head produces, for measurement, distillation and export checks
+        (BERT's pretraining heads call them `prediction_logits`)."""
+        return outputs.logits
 
     def collator(self, tokenizer) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
         raise NotImplementedError
@@ -54,9 +80,6 @@ class Task:
     def compute_metrics(self, metrics: MetricCollection) -> dict[str, float]:
         return {k: float(v) for k, v in metrics.compute().items()}
 
-    def predictions(self, outputs: Any) -> torch.Tensor:
-        """Hard predictions, for agreement with another model."""
-        return outputs.logits.argmax(-1)
 
 
 TASKS: Registry[Task] = Registry("task", key="name", store_schemas=False)

@@ -172,17 +172,17 @@ class MaskedLM(Task):
         # Updated one by one (different inputs), so no shared compute groups.
         return MetricCollection({"perplexity": TokenNLL(), "masked_acc": MaskedAccuracy()}, compute_groups=False)
 
+    def logits(self, outputs):
+        # AutoModelForPreTraining (masked LM + NSP) names the token scores prediction_logits.
+        return outputs.logits if hasattr(outputs, "logits") else outputs.prediction_logits
+
     def update_metrics(self, metrics, batch, outputs):
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs.prediction_logits
+        logits = self.logits(outputs)
         metrics["perplexity"].update(logits, batch["labels"], shift=False)
         metrics["masked_acc"].update(logits, batch["labels"])
 
     def compute_metrics(self, metrics):
         return {k: float(v) for k, v in metrics.compute().items()}
-
-    def predictions(self, outputs):
-        logits = outputs.logits if hasattr(outputs, "logits") else outputs.prediction_logits
-        return logits.argmax(-1)
 
 
 @dataclass
