@@ -36,7 +36,7 @@ from llmk_lab.registry import to_settings
 from llmk_lab.tasks import get_task
 from llmk_lab.training.pooling import refusal as pooling_refusal
 from llmk_lab.training.selection import restore_best, selection_callbacks
-from llmk_lab import hardware, jobs, tracking
+from llmk_lab import console, hardware, jobs, tracking
 
 log = logging.getLogger(__name__)
 
@@ -276,6 +276,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     started = time.perf_counter()
     # 0. validate everything before doing anything expensive
     p = plan(cfg)
+    console.quiet_libraries()  # each thing said once: no per-load bars or reports that repeat our own lines
     settings = p.settings
     hardware.prepare(settings.hardware)  # the hardware asked for is there; torch threads (threads=auto)
     pl.seed_everything(settings.seed, workers=True, verbose=False)
@@ -307,7 +308,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     # 6. fit
     ctx.module = TaskModule(ctx.model, task, settings.train)
     throughput = ThroughputMonitor()
-    callbacks = [throughput, *p.strategy.callbacks(ctx)]
+    callbacks = [throughput, console.progress_bar(), *p.strategy.callbacks(ctx)]
     if masked_linears(ctx.model):
         callbacks.append(MaskKeeper(ctx.model))
     for method in p.methods:

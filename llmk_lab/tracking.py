@@ -51,6 +51,9 @@ def build_loggers(logger_cfg, run_dir: Path, run_name: str, group: Optional[str]
             group=logger_cfg.group or group, tags=list(logger_cfg.tags), save_dir=str(run_dir),
             mode=mode, config=config, job_type="train",
         )
+        # Lightning always passes `anonymous` (None by default), and W&B warns that the setting has no
+        # effect whenever it is passed at all: leave it out, so that warning is not printed on every run.
+        wandb_logger._wandb_init.pop("anonymous", None)
         log.info("W&B run in %s mode%s", mode,
                  " (sync later with `wandb sync %s/wandb/offline-run-*`)" % run_dir if mode == "offline" else "")
         loggers.append(wandb_logger)

@@ -76,3 +76,32 @@ def test_unit_messages():
     assert "did you mean compression=magnitude" in missing_option_line("compression/magnitud", conf)
     assert "did you mean" not in missing_option_line("peft/zzzzzz", conf)
     assert "there is no config group" in missing_option_line("pefty/lora", conf)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def test_a_run_says_each_thing_once_in_plain_text(tmp_path):
+    """A real checkpoint with a new head, W&B offline, output to a pipe: no ANSI codes, no library bars or
+    repeated reports, epochs counted from 1, no logger version id."""
+    result = run_cli(["model=minilm", "compression=none", "logger=wandb", "data.limit_train=48", "data.limit_eval=16",
+                      "data.max_length=16", "export.checkpoint=false", "export.model=false",
+                      "measure.latency_batch_sizes=[]"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout + result.stderr
+    assert not ANSI.search(out), ANSI.findall(out)[:5]
+    for chatter in ("LOAD REPORT", "Loading weights", "anonymous setting", "weights_only", "v_num",
+                    "Epoch 0/0", "litlogger"):
+        assert chatter not in out, chatter
+    assert out.count("newly initialised") == 1  # our one line about the new classifier head
+    assert "Epoch 1/1 done" in out and "test/acc" in out
+
+
+def test_progress_text_counts_epochs_from_one():
+    from types import SimpleNamespace
+
+    from llmk_lab.console import _epoch_text
+
+    assert _epoch_text(SimpleNamespace(max_epochs=1), 0) == "Epoch 1/1"
+    assert _epoch_text(SimpleNamespace(max_epochs=3), 2) == "Epoch 3/3"
+    assert _epoch_text(SimpleNamespace(max_epochs=-1), 4) == "Epoch 5"
