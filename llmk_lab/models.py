@@ -95,18 +95,3 @@ def newly_initialised(model, loading: dict) -> list[str]:
     log.warning("the checkpoint has no weights for %s: newly initialised (%d tensors)%s", ", ".join(heads),
                 len(missing), "; the output layer is tied to the word embeddings" if tied else "")
     return missing
-
-
-def convert_gguf(gguf_file: Path, dest: Path) -> None:
-    """Dequantise a GGUF checkpoint to a plain fp32 Hugging Face folder (done once, cached)."""
-    from transformers import AutoModelForCausalLM
-
-    log.info("converting %s to a Hugging Face folder (once)", gguf_file.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-    # The loader marks the model as quantised; it is plain fp32 now.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(dest, safe_serialization=True)
-    tokenizer.save_pretrained(dest)

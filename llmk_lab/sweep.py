@@ -1,46 +1,26 @@
 """Sweeps: naming and grouping the jobs of a multirun, resuming an interrupted one, and the report at its end.
 
-A sweep directory holds one run directory per job (`<sweep dir>/<job number>/`)
-and `sweep.json`, written when the multirun starts: which keys the sweep
-varies, the metric it optimises and in which direction. Jobs name their
-tracked run after the keys they vary; the report reads the same file.
+What a sweep directory holds (`sweep.json`: which keys the sweep varies, the
+metric it optimises and in which direction) is in `sweep_layout`. Jobs name
+their tracked run after the keys they vary; the report reads the same file.
+This module depends on the report (it writes it when a multirun ends), never
+the other way round.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import re
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+# Naming of a sweep directory and its jobs lives in sweep_layout, shared with the report.
+from llmk_lab.sweep_layout import (CONTROL_KEYS, SWEEP_FILE, infer_direction, is_control_key,  # noqa: F401
+                                   override_key, read_sweep_info, sweep_group)
+
 log = logging.getLogger(__name__)
-
-SWEEP_FILE = "sweep.json"
-# Keys that say how to run a job, not what it computes: they neither name a
-# configuration nor change its fingerprint.
-CONTROL_KEYS = ("sweep", "run_dir")
-_DATE_DIR = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-
-
-def override_key(override: str) -> str:
-    """`+peft.r=8` -> `peft.r`; `~compression` -> `compression`."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def is_control_key(key: str) -> bool:
-    return key.split(".", 1)[0] in CONTROL_KEYS or key.startswith("hydra.")
-
-
-def sweep_group(sweep_dir: str | Path) -> str:
-    """W&B group of a sweep: its directory name, with the date for Hydra's `<date>/<time>` layout."""
-    path = Path(sweep_dir)
-    if _DATE_DIR.match(path.parent.name):
-        return f"{path.parent.name}_{path.name}"
-    return path.name
-
 
 def swept_keys(multirun_overrides: Iterable[str], sweeper_params: Optional[dict]) -> list[str]:
     """Keys a multirun varies: command-line sweeps (`a=1,2`, `choice(...)`, `range(...)`) and sweeper params."""
@@ -53,13 +33,6 @@ def swept_keys(multirun_overrides: Iterable[str], sweeper_params: Optional[dict]
         parsed = []
     keys += [o.get_key_element().lstrip("+~") for o in parsed if o.is_sweep_override()]
     return sorted({k for k in keys if not is_control_key(k)})
-
-
-def read_sweep_info(sweep_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(sweep_dir) / SWEEP_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def job_name(overrides: list[str], sweep_dir: Optional[Path]) -> str:
@@ -110,8 +83,6 @@ def _direction(sweeper_cfg: Any, metric: str) -> str:
         direction = direction[0] if len(direction) else None
     if direction is not None:
         return str(getattr(direction, "name", direction)).lower()
-    from llmk_lab.report import infer_direction
-
     return infer_direction(metric)
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from llmk_lab.report.cli import main
+
+sys.exit(main())

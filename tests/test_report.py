@@ -1,0 +1,59 @@
+"""The sweep report from the command line: quiet, no W&B unless asked, one W&B report run per sweep,
+a CSV whose columns say what they hold; and the report and sweep modules without an import circle."""
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from llmk_lab.report import main, write_report
+
+
+def wandb_sweep(tmp_path: Path) -> Path:
+    """Two jobs of one configuration whose runs logged to W&B (offline)."""
+    sweep_dir = tmp_path / "2025-01-02" / "03-04-05"
+    for num, seed in enumerate((0, 1)):
+        run_dir = sweep_dir / str(num)
+        (run_dir / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create(["peft.r=4", f"seed={seed}"]), run_dir / ".hydra" / "overrides.yaml")
+        OmegaConf.save(OmegaConf.create({"optimized_metric": "val/acc",
+                                         "logger": {"kind": "wandb", "mode": "offline", "project": "p"}}),
+                       run_dir / ".hydra" / "config.yaml")
+        (run_dir / "metrics.json").write_text(json.dumps({"val/acc": 0.5 + 0.1 * seed, "params/trainable": 10}))
+    return sweep_dir
+
+
+def test_report_cli_adds_no_wandb_run_and_prints_no_wandb_lines(tmp_path, capfd):
+    sweep_dir = wandb_sweep(tmp_path)
+    for _ in range(2):
+        assert main([str(sweep_dir)]) == 0
+    out, err = capfd.readouterr()
+    assert not [line for line in (out + err).splitlines() if line.lower().startswith("wandb")]
+    assert not (sweep_dir / "wandb").exists()
+    with (sweep_dir / "report.csv").open() as handle:
+        (row,) = list(csv.DictReader(handle))
+    # `n` counts the seeds; the job directories are named in `job_dirs` (not a count beside it).
+    assert row["n"] == "2" and row["job_dirs"] == "0;1" and "jobs" not in row
+
+
+def test_report_to_wandb_updates_one_run_per_sweep(tmp_path, monkeypatch, capfd):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    sweep_dir = wandb_sweep(tmp_path)
+    for _ in range(2):
+        write_report(sweep_dir, wandb=True)
+    runs = sorted((sweep_dir / "wandb").glob("offline-run-*"))
+    assert runs and {p.name.rsplit("-", 1)[-1] for p in runs} == {"report"}  # one run id: <group>-report
+    assert len({p.name.split("-", 2)[2].split("-", 1)[1] for p in runs}) == 1
+    out, err = capfd.readouterr()
+    assert not [line for line in (out + err).splitlines() if line.lower().startswith("wandb")]
+
+
+def test_no_import_circles_between_report_and_sweep_nor_assets_and_models():
+    code = ("import sys; import llmk_lab.report; assert 'llmk_lab.sweep' not in sys.modules, 'report imports sweep'; "
+            "import llmk_lab.assets; assert 'llmk_lab.models' not in sys.modules, 'assets imports models'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-1000:]
