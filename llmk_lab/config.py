@@ -45,6 +45,8 @@ class DataConfig:
     task: Optional[str] = None
     # Input file or directory for datasets read from the user's disk.
     path: Optional[str] = None
+    # Text encoding of those files (CSV, TSV, JSON lines, plain text): e.g. latin-1, cp1252, utf-16.
+    encoding: str = "utf-8"
     text_column: str = "text"
     text_pair_column: Optional[str] = None
     label_column: str = "label"

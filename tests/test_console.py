@@ -105,3 +105,22 @@ def test_progress_text_counts_epochs_from_one():
     assert _epoch_text(SimpleNamespace(max_epochs=1), 0) == "Epoch 1/1"
     assert _epoch_text(SimpleNamespace(max_epochs=3), 2) == "Epoch 3/3"
     assert _epoch_text(SimpleNamespace(max_epochs=-1), 4) == "Epoch 5"
+
+
+def test_a_csv_that_is_not_utf8_gets_one_hint_and_data_encoding_reads_it(tmp_path):
+    from llmk_lab.data import load_data
+    from llmk_lab.errors import UserError
+    from llmk_lab.run import plan
+    from tests.conftest import compose_config
+
+    rows = ["text,label"] + [f"caf\xe9 num\xe9ro {i},{i % 2}" for i in range(40)]
+    (tmp_path / "latin.csv").write_bytes("\n".join(rows).encode("latin-1"))
+    common = ["model=tiny_bert", "data=local_csv", f"data.path={tmp_path / 'latin.csv'}", "data.val_size=5",
+              "data.test_size=5"]
+    with pytest.raises(UserError, match=r"is not utf-8 text \(byte 0xe9 at position 3\); set data.encoding"):
+        load_data(plan(compose_config(common)).settings.data)
+    raw = load_data(plan(compose_config(common + ["data.encoding=latin-1"])).settings.data)
+    texts = [e["text"] for split in raw.splits.values() for e in split]
+    assert len(texts) == 40 and all(t.startswith("café numéro") for t in texts)
+    with pytest.raises(UserError, match="data.encoding='latin-99' is not allowed"):
+        load_data(plan(compose_config(common + ["data.encoding=latin-99"])).settings.data)

@@ -30,10 +30,28 @@ SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "val", "dev", "
 TEXT_TASKS = ("causal_lm", "masked_lm", "masked_lm_nsp")
 
 
+def _chosen(cfg) -> str:
+    """How the user picked this dataset: `data=local_csv` on the command line (several options share one
+    loader, `local_table`), else `data.name=...`."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return f"data={HydraConfig.get().runtime.choices['data']}"
+    except Exception:  # noqa: BLE001  (not under Hydra: composed in a test or the Python API)
+        return f"data.name={cfg.name!r}"
+
+
+def undecodable(path: Path, err: UnicodeDecodeError, encoding: str) -> UserError:
+    """One line for a file that is not in `data.encoding`, with the way out."""
+    byte = err.object[err.start:err.start + 1].hex() if isinstance(err.object, (bytes, bytearray)) else "?"
+    return UserError(f"data.path={str(path)!r} is not {encoding} text (byte 0x{byte} at position {err.start}); "
+                     "set data.encoding to the file's encoding, e.g. data.encoding=latin-1 (or cp1252, utf-16)")
+
+
 def split_files(cfg, suffixes: tuple[str, ...]) -> dict[str, Path]:
     """{split: file} from `data.path` (a file, or a directory of train/validation/test files)."""
     if not cfg.path:
-        raise UserError(f"data.path is required for data.name={cfg.name!r}: set data.path=/path/to/your/file "
+        raise UserError(f"data.path is required for {_chosen(cfg)}: set data.path=/path/to/your/file "
                         f"(one of {', '.join(suffixes)}) or a directory with train/validation/test files")
     path = Path(cfg.path).expanduser()
     if not path.exists():
@@ -151,17 +169,33 @@ def _load_table(path: Path, cfg, split: str):
 
     builder = TABLE_FORMATS[path.suffix.lower()]
     kwargs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    if builder in ("csv", "json"):
+        kwargs["encoding"] = cfg.encoding
     if path.stat().st_size == 0:
         raise UserError(f"data.path={str(path)!r}: the file is empty, so the {split} split is empty")
     datasets.disable_progress_bars()
+    # The reader logs a failure itself before raising it (twice: its own handler and the run's log);
+    # the one line below says it once, with what to do.
+    reader_log = logging.getLogger("datasets")
+    level = reader_log.level
+    reader_log.setLevel(logging.CRITICAL)
     try:
         return datasets.load_dataset(builder, data_files={"rows": str(path)}, split="rows", **kwargs)
     except Exception as err:  # noqa: BLE001  (any parser error is the file's fault)
         cause = err.__cause__ or err
+        decode = next((e for e in (err, err.__cause__, err.__context__, getattr(cause, "__context__", None))
+                       if isinstance(e, UnicodeDecodeError)), None)
+        if decode is not None:
+            raise undecodable(path, decode, cfg.encoding) from None
+        if isinstance(cause, LookupError) and "encoding" in str(cause):
+            raise UserError(f"data.encoding={cfg.encoding!r} is not allowed: a Python codec name, e.g. utf-8, "
+                            "latin-1, cp1252") from None
         if "corresponds to no data" in str(err):
             raise UserError(f"data.path={str(path)!r}: the file has no rows, so the {split} split is empty") from None
         raise UserError(f"data.path={str(path)!r}: cannot read it as {builder} "
                         f"({str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__})") from None
+    finally:
+        reader_log.setLevel(level)
 
 
 @register_dataset("local_table", task="sequence_classification")
@@ -182,7 +216,13 @@ def load_local_conll(cfg) -> RawData:
 
 
 def _documents_of(path: Path, cfg) -> list[dict]:
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding=cfg.encoding)
+    except UnicodeDecodeError as err:
+        raise undecodable(path, err, cfg.encoding) from None
+    except LookupError:
+        raise UserError(f"data.encoding={cfg.encoding!r} is not allowed: a Python codec name, e.g. utf-8, "
+                        "latin-1, cp1252") from None
     if cfg.options.get("document_per_file", False):
         return [{"text": text.strip()}] if text.strip() else []
     # Blank lines separate documents (paragraphs); one file of one document is split by blank lines too.
