@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One-shot pruning of SmolLM2-135M through the framework: every method and sparsity pattern as jobs of one
+# sweep directory, so one report (report.md, report.csv, plots/) covers them all.
+#   nice -n 19 bash experiments/llm_pruning/sweep.sh            # SWEEP=<dir> to choose the directory
+# Several commands rather than one grid because Hydra sweeps are cartesian products: the N:M pairs
+# (2:4, 4:8) and the unstructured sparsities are not a product, and only the calibrated methods have
+# `n_calibration`; a multirun's base config is composed without its sweeps, so each method is its own
+# command. Ordered so that the 50 % comparison lands first. Rerunning skips finished jobs
+# (sweep.resume=true), so an interrupted study continues where it stopped.
+set -euo pipefail
+SWEEP=${SWEEP:-outputs/llm_pruning}
+calibration=(compression.n_calibration=16)
+
+sweep() {  # sweep NAME OVERRIDES...: jobs land in $SWEEP/NAME_<job number>
+    local name=$1
+    shift
+    python -m llmk_lab -m +experiment=smollm2_pruning "hydra.sweep.dir=$SWEEP" \
+        "hydra.sweep.subdir=${name}_\${hydra.job.num}" sweep.resume=true "$@"
+}
+n_m() { echo "compression.sparsity=0.5 compression.prune_n=$1 compression.prune_m=$2"; }
+
+sweep dense compression=none
+sweep magnitude compression=magnitude compression.sparsity=0.5
+sweep wanda compression=wanda "${calibration[@]}" compression.sparsity=0.5
+sweep sparsegpt compression=sparsegpt "${calibration[@]}" compression.sparsity=0.5
+sweep magnitude_2of4 compression=magnitude $(n_m 2 4)
+sweep magnitude_4of8 compression=magnitude $(n_m 4 8)
+sweep wanda_2of4 compression=wanda "${calibration[@]}" $(n_m 2 4)
+sweep sparsegpt_2of4 compression=sparsegpt "${calibration[@]}" $(n_m 2 4)
+sweep magnitude_3070 compression=magnitude compression.sparsity=0.3,0.7
+sweep wanda_4of8 compression=wanda "${calibration[@]}" $(n_m 4 8)
+sweep sparsegpt_4of8 compression=sparsegpt "${calibration[@]}" $(n_m 4 8)
+sweep wanda_3070 compression=wanda "${calibration[@]}" compression.sparsity=0.3,0.7
+sweep sparsegpt_3070 compression=sparsegpt "${calibration[@]}" compression.sparsity=0.3,0.7
