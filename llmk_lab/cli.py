@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 
 from llmk_lab import register_all
 from llmk_lab.config_errors import HELP_FLAGS as _HELP_FLAGS, help_text, install as _report_config_errors_in_one_line
+from llmk_lab.config_errors import producer_hint
 from llmk_lab.errors import UserError
 from llmk_lab.manifest import write_json
 from llmk_lab.registry import check_values_lightly
@@ -85,10 +86,12 @@ def run_job(cfg: DictConfig) -> float:
         mark_completed(run_dir, fingerprint)
     except (UserError, Exception) as err:  # noqa: B014  (UserError first: it is the expected case)
         line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if isinstance(err, UserError):
+            line += producer_hint(line)  # a missing path that another experiment writes: say which
         if isinstance(err, UserError) and not multirun and not os.environ.get("HYDRA_FULL_ERROR"):
             if _holds_no_result(run_dir):
                 shutil.rmtree(run_dir, ignore_errors=True)
-                _remove_if_empty(run_dir.parent)  # the date folder Hydra made for this run alone
+                _remove_empty_parents(run_dir.parent)  # the date folder (and outputs/) Hydra made for this run
             else:
                 write_json(run_dir / "failed.json", {"error": line, "type": type(err).__name__})
             print(f"error: {line}", file=sys.stderr)
@@ -102,11 +105,16 @@ def run_job(cfg: DictConfig) -> float:
     return _objective(metrics, cfg.optimized_metric)
 
 
-def _remove_if_empty(folder: Path) -> None:
-    try:
-        folder.rmdir()  # refuses (OSError) when anything else is in it
-    except OSError:
-        pass
+def _remove_empty_parents(folder: Path) -> None:
+    """Remove `folder` and its parents while they are empty, up to (not including) the working directory."""
+    cwd = Path.cwd().resolve()
+    folder = folder.resolve()
+    while folder != cwd and cwd in folder.parents:
+        try:
+            folder.rmdir()  # refuses (OSError) when anything else is in it
+        except OSError:
+            return
+        folder = folder.parent
 
 
 def _objective(metrics: dict, key: str) -> float:

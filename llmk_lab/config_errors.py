@@ -228,6 +228,31 @@ def _remove_empty_output_folders(root: Path, since: float) -> None:
             pass
 
 
+def producer_hint(line: str, conf: Optional[Path] = None) -> str:
+    """For an error about a path that does not exist: which experiment writes it (its `hydra.run.dir`
+    holds it), as `; ... run that first`; empty when none does."""
+    import re
+
+    import yaml
+
+    if "no such" not in line:
+        return ""
+    conf = conf or _config_dir()
+    paths = [Path(p) for p in re.findall(r"'([^']+)'", line)]
+    for yaml_file in sorted((conf / "experiment").glob("*.yaml")):
+        try:
+            run_dir = ((yaml.safe_load(yaml_file.read_text(encoding="utf-8")) or {}).get("hydra") or {}) \
+                .get("run", {}).get("dir")
+        except yaml.YAMLError:
+            continue
+        if not run_dir or "${" in str(run_dir):
+            continue
+        for path in paths:
+            if path == Path(run_dir) or Path(run_dir) in path.parents:
+                return (f"; {path} is written by `python -m llmk_lab +experiment={yaml_file.stem}`: run that first")
+    return ""
+
+
 # ----------------------------------------------------------------------------- --help
 
 def _defaults(conf: Path) -> dict[str, str]:

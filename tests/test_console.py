@@ -157,3 +157,11 @@ def test_a_missing_model_path_lists_only_model_assets():
     line = str(err.value)
     assert "minilm-l6" in line and "smollm2-135m" in line
     assert not any(data in line for data in ("movie-reviews", "wnut16", "shakespeare"))
+
+
+def test_an_experiment_without_its_prerequisite_says_which_to_run_first(tmp_path):
+    result = run_cli(["+experiment=mlm_then_classify", "logger=csv"], cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "python -m llmk_lab +experiment=mlm_domain_pretrain`: run that first" in lines[0]
+    assert not (tmp_path / "outputs").exists()  # nor an empty outputs/ or date folder
