@@ -50,8 +50,8 @@ TINY_SETTINGS = {
     "adapter": ["peft.bottleneck=8"],
     "gradual_magnitude": ["compression.frequency=1"],
     "movement": ["compression.frequency=1"],
-    "wanda": ["compression.n_calibration=8"],
-    "sparsegpt": ["compression.n_calibration=8"],
+    "wanda": ["compression.calibration_examples=8"],
+    "sparsegpt": ["compression.calibration_examples=8"],
     "structured": ["compression.calibration_examples=8"],
     # Random 32-wide weights have a flat spectrum: 90 % of the energy needs nearly full rank.
     "low_rank": ["compression.rank=4"],

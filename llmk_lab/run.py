@@ -62,7 +62,7 @@ def plan(cfg: DictConfig) -> Plan:
     settings = RunConfig(**values)
     compression_node, peft_node = settings.compression, settings.peft
     methods = build_methods(compression_node or {"method": "none"})
-    strategy = PEFT.build(peft_node or {"method": "none"}, "peft")
+    strategy = PEFT.build(peft_node or {"method": "linear_probe"}, "peft")
     if settings.export.merged and not strategy.mergeable:
         raise UserError(f"export.merged=true is not possible with peft.method={strategy.registered_name!r}: "
                         "its update cannot be folded into the weights")
@@ -164,16 +164,6 @@ def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict
     return written
 
 
-def _prediction_logits(outputs) -> torch.Tensor:
-        # transformers' format has no cross-layer sharing: each block saves its own copy of a shared weight.
-        untie_shared_weights(merged)
-    # Heads name their scores differently (BERT pretraining heads: prediction_logits).
-    for key in ("logits", "prediction_logits"):
-        if getattr(outputs, key, None) is not None:
-            return getattr(outputs, key).float()
-    raise TypeError(f"{type(outputs).__name__} has no logits to compare")
-
-
 @torch.no_grad()
 def merged_logit_gap(ctx: RunContext, merged_dir: Path, tolerance: float = 1e-3) -> float:
     """Largest |logit difference| between the trained model and its merged export reloaded with
@@ -190,9 +180,9 @@ def merged_logit_gap(ctx: RunContext, merged_dir: Path, tolerance: float = 1e-3)
     batch = {k: v.to(device) for k, v in batch.items()}
     was_training = ctx.model.training
     ctx.model.eval()
-    trained = _prediction_logits(ctx.model(**batch))
+    trained = ctx.task.logits(ctx.model(**batch)).float()
     ctx.model.train(was_training)
-    exported = _prediction_logits(reloaded.to(device)(**batch))
+    exported = ctx.task.logits(reloaded.to(device)(**batch)).float()
     gap = float((trained - exported).abs().max())
     if not gap <= tolerance * (1.0 + float(trained.abs().max())):
         raise RuntimeError(f"the merged export in {merged_dir} does not predict what the trained model predicts: "

@@ -303,7 +303,7 @@ def test_unseen_checkpoint_runs_wanda_then_lora_with_no_target_modules(family, c
     metrics = run_config([
         f"model.name_or_path={folder}", "model.tokenizer=null", "data=local_text", f"data.path={corpus}",
         "data.max_length=16", "data.val_size=2", "data.test_size=2", "data.limit_train=16", "data.limit_eval=4",
-        "compression=wanda", "compression.n_calibration=4", "peft=lora", "peft.r=2", "logger=none",
+        "compression=wanda", "compression.calibration_examples=4", "peft=lora", "peft.r=2", "logger=none",
         "train.max_steps=2", "train.batch_size=4", "train.eval_batch_size=4", "optimized_metric=test/perplexity",
         "export.checkpoint=false", "export.adapter=false", "export.model=false", "measure.latency_batch_sizes=[]",
         "measure.size=false", "measure.fidelity=false",

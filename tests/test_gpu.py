@@ -47,9 +47,9 @@ def test_ddp_on_two_gpus_matches_one_gpu_with_the_same_effective_batch(tmp_path)
     for name in ("one", "two", "scratch"):
         (tmp_path / name).mkdir()
     gpu = ["hardware=gpu", "hardware.precision=32-true"]
-    one = _cli_run([*DDP_RUN, *gpu, "compression=wanda", "compression.n_calibration=8", "train.batch_size=16"],
+    one = _cli_run([*DDP_RUN, *gpu, "compression=wanda", "compression.calibration_examples=8", "train.batch_size=16"],
                    tmp_path / "one", tmp_path / "scratch")
-    two = _cli_run([*DDP_RUN, *gpu, "compression=wanda", "compression.n_calibration=8", "train.batch_size=8",
+    two = _cli_run([*DDP_RUN, *gpu, "compression=wanda", "compression.calibration_examples=8", "train.batch_size=8",
                     "hardware=multi_gpu", "hardware.devices=2", "hardware.precision=32-true"],
                    tmp_path / "two", tmp_path / "scratch")
     assert two["train/world_size"] == 2 and two["train/effective_batch_size"] == one["train/effective_batch_size"]

@@ -322,7 +322,7 @@ def _cli_run(args: list[str], cwd, scratch) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("compression", ["none", "wanda"])
 def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_effective_batch(tmp_path, compression):
-    extra = [f"compression={compression}"] + (["compression.n_calibration=8"] if compression == "wanda" else [])
+    extra = [f"compression={compression}"] + (["compression.calibration_examples=8"] if compression == "wanda" else [])
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
     (tmp_path / "scratch").mkdir()

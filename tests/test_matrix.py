@@ -89,11 +89,11 @@ def test_2_weight_only_int8_runs_to_the_end_and_counts_its_int8_weights(tmp_path
 
 def test_3_adapters_survive_dynamic_int8(tmp_path):
     from llmk_lab.compression.quantization import DynamicInt8, DynamicInt8Config
-    from llmk_lab.peft.adapter import ADAPTER, AdapterSettings, insert_adapters
+    from llmk_lab.peft.adapter import ADAPTER, AdapterConfig, insert_adapters
     from tests.test_compression_methods import INPUT, tiny_bert
 
     model = tiny_bert()
-    insert_adapters(model, AdapterSettings(bottleneck=4, init_std=0.5))
+    insert_adapters(model, AdapterConfig(bottleneck=4, init_std=0.5))
     sites = [n for n, m in model.named_modules() if hasattr(m, ADAPTER)]
     DynamicInt8(DynamicInt8Config()).quantize(model, [n for n, m in model.named_modules() if type(m) is nn.Linear])
     for name in sites:
@@ -148,7 +148,7 @@ def test_6_parameter_counts_include_packed_int8_weights():
 def test_8_tied_lm_heads_train_with_head_only_strategies(tmp_path):
     from llmk_lab.run import run
 
-    for peft in ("none", "top_layers", "adapter"):
+    for peft in ("linear_probe", "top_layers", "adapter"):
         overrides = matrix.Cell("causal_lm", "none", peft).overrides(merged=False)
         (tmp_path / peft).mkdir()
         metrics = run(matrix.compose(overrides), tmp_path / peft)

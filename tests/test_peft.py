@@ -28,7 +28,7 @@ LOW_RANK_TARGETS = LAYERS * BLOCK_LINEARS + [(D, D)]
 QUICK = ["compression=none", "data.limit_train=32", "train.batch_size=8"]
 
 FORMULAS = {
-    "none": ([], HEAD),
+    "linear_probe": ([], HEAD),
     "lora": (["peft.r=4"], sum(4 * (i + o) for i, o in LOW_RANK_TARGETS) + HEAD),
     # init_r (d_in + d_out + 1): P, Q and the singular values.
     "adalora": (["peft.init_r=6", "peft.target_r=2", "peft.tinit=0", "peft.tfinal=1", "peft.deltaT=1"],
@@ -78,7 +78,7 @@ def test_strategy_trains_what_its_formula_says_and_nothing_else(tmp_path, tiny, 
     assert changed_frozen == []
     trained = [n for n, before in seen["trainable"].items() if not torch.equal(now[n], before)]
     assert any("classifier" in n for n in trained), "the task head did not train"
-    assert len(trained) > 2 or method == "none", f"only the head moved: {trained}"
+    assert len(trained) > 2 or method == "linear_probe", f"only the head moved: {trained}"
     for key in ("train/examples_per_s", "train/peak_memory_mb"):
         assert metrics[key] > 0
 
@@ -158,7 +158,7 @@ def test_adalora_defaults_survive_a_fast_dev_run(tmp_path, tiny):
 
 def test_adapter_export_round_trips(tmp_path, tiny, monkeypatch):
     from llmk_lab.models import load_model, load_tokenizer
-    from llmk_lab.peft.adapter import AdapterSettings, load_adapter
+    from llmk_lab.peft.adapter import AdapterConfig, load_adapter
     from llmk_lab.tasks import get_task
 
     seen = watch_apply(monkeypatch, "adapter")
@@ -169,7 +169,7 @@ def test_adapter_export_round_trips(tmp_path, tiny, monkeypatch):
     # The exported tensors cover only what trained; the frozen ones come from the same base.
     fresh.load_state_dict({n: p for n, p in seen["model"].state_dict().items() if "bottleneck_adapter" not in n},
                           strict=False)
-    load_adapter(fresh, tmp_path / "adapter", AdapterSettings(bottleneck=4))
+    load_adapter(fresh, tmp_path / "adapter", AdapterConfig(bottleneck=4))
     batch = _batch(tmp_path)
     assert torch.equal(_logits(seen["model"], batch), _logits(fresh, batch))
 

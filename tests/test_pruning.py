@@ -188,7 +188,7 @@ def test_block_sequential_calibration_feeds_the_pruned_outputs_forward():
 
 
 def test_calibrated_pruning_inside_a_run_keeps_masks_through_lora_and_merging(tmp_path, tiny):
-    metrics = run_config(tiny + ["compression=sparsegpt", "compression.n_calibration=16", "train.max_steps=2"],
+    metrics = run_config(tiny + ["compression=sparsegpt", "compression.calibration_examples=16", "train.max_steps=2"],
                          tmp_path / "run")
     report = metrics["compression"][0]
     assert report["method"] == "sparsegpt" and report["calibration_sequences"] == 16
@@ -204,7 +204,7 @@ def test_calibrated_pruning_inside_a_run_keeps_masks_through_lora_and_merging(tm
     ("compression.sparsity=-0.1", "compression.sparsity=-0.1 is not allowed: a number in [0, 1)"),
     ("compression.prune_n=4", "compression.prune_n=4 is not allowed: 0 when prune_m is 0"),
     ("compression.prune_m=4", "compression.prune_n=0 is not allowed: a number of kept weights N with 0 < N < prune_m=4"),
-    ("compression.n_calibration=0", "compression.n_calibration=0 is not allowed"),
+    ("compression.calibration_examples=0", "compression.calibration_examples=0 is not allowed"),
 ])
 @pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
 def test_bad_settings_fail_with_one_line_naming_the_key(method, override, message):
@@ -267,7 +267,7 @@ def test_calibration_finds_the_blocks_of_a_peft_wrapped_model():
 def test_causal_lm_run_calibrates_on_random_training_windows(tmp_path):
     metrics = run_config(["+experiment=smollm2_perplexity", "model=tiny_llama", "logger=csv", "data.max_length=64",
                           "data.limit_eval=2", "compression=sparsegpt", "compression.prune_n=2",
-                          "compression.prune_m=4", "compression.n_calibration=8"], tmp_path / "run")
+                          "compression.prune_m=4", "compression.calibration_examples=8"], tmp_path / "run")
     report = metrics["compression"][0]
     assert report["calibration_sequences"] == 8 and report["calibration_tokens"] == 8 * 64
     assert report["achieved_sparsity"] == pytest.approx(0.5)

@@ -7,7 +7,7 @@ Protocol (shared/PROTOCOLS.md), on the data we have offline:
 - evaluation text: the test work(s) (default Macbeth, the causal-LM task's test split) joined with "\\n\\n",
   tokenised once, cut into non-overlapping windows of `--seqlen` tokens, remainder dropped (optionally only
   the first `--eval-windows` windows, for CPU time); perplexity = exp(total token NLL / predicted tokens);
-- calibration: `--n-calibration` windows of `--seqlen` tokens at random offsets (Python `random`, seed 0) of
+- calibration: `--calibration-examples` windows of `--seqlen` tokens at random offsets (Python `random`, seed 0) of
   the other works joined with "\\n\\n" (the validation work, The Tempest, and the test work excluded);
 - every linear layer of the 30 decoder blocks is pruned (embeddings and LM head dense), block by block with
   llmk_lab's calibration engine, each block calibrated on the outputs of the already pruned ones.
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prune-n", type=int, default=0)
     parser.add_argument("--prune-m", type=int, default=0)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--n-calibration", type=int, default=32)
+    parser.add_argument("--calibration-examples", type=int, default=32)
     parser.add_argument("--calibration-batch-size", type=int, default=8)
     parser.add_argument("--eval-windows", type=int, default=40, help="first N evaluation windows (0: all)")
     parser.add_argument("--eval-batch-size", type=int, default=2)
@@ -89,14 +89,14 @@ def main(argv=None) -> int:
     calibration_text = "\n\n".join(t for w, t in texts.items() if w not in VALIDATION_WORKS + TEST_WORKS)
     eval_text = "\n\n".join(texts[w] for w in TEST_WORKS)
     evaluation = eval_windows(tokenizer(eval_text, verbose=False)["input_ids"], args.seqlen, args.eval_windows or None)
-    calibration = calibration_windows(tokenizer(calibration_text, verbose=False)["input_ids"], args.n_calibration,
+    calibration = calibration_windows(tokenizer(calibration_text, verbose=False)["input_ids"], args.calibration_examples,
                                       args.seqlen)
     batches = [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}
                for ids in calibration.split(args.calibration_batch_size)]
     pattern = f"{args.prune_n}:{args.prune_m}" if args.prune_m else "unstructured"
     setup = {"model": "smollm2-135m (instruct, Q4_1-dequantised)", "eval_works": list(TEST_WORKS),
              "eval_windows": len(evaluation), "eval_tokens_predicted": int(evaluation[:, 1:].numel()),
-             "seqlen": args.seqlen, "n_calibration": args.n_calibration, "calibration_seed": 0,
+             "seqlen": args.seqlen, "calibration_examples": args.calibration_examples, "calibration_seed": 0,
              "pattern": pattern, "sparsity": args.sparsity, "threads": args.threads}
     print(json.dumps(setup), flush=True)
 
@@ -108,7 +108,7 @@ def main(argv=None) -> int:
         if name != "dense":
             node = {"method": name, "sparsity": args.sparsity, "prune_n": args.prune_n, "prune_m": args.prune_m}
             if name in ("wanda", "sparsegpt"):
-                node["n_calibration"] = args.n_calibration
+                node["calibration_examples"] = args.calibration_examples
             method = COMPRESSION.build(node, "compression")
             layers = method.layers(model)
             if hasattr(method, "prune_with_batches"):

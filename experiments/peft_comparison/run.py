@@ -27,7 +27,7 @@ BUDGET = ["model=minilm", "data=movie_reviews", "compression=none", "logger=csv"
 # Learning rate per strategy: the usual order of magnitude for each method
 # (fewer trained parameters -> larger steps); not tuned on this data.
 STRATEGIES = {
-    "none": ["train.lr=5e-3"],
+    "linear_probe": ["train.lr=5e-3"],
     "lora": ["train.lr=1e-3"],
     # 20 optimiser steps: 4 at full rank, budget shrinking over 12, rank pattern fixed for the last 4.
     "adalora": ["train.lr=1e-3", "peft.tinit=4", "peft.tfinal=4", "peft.deltaT=2"],

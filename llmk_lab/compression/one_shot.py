@@ -62,13 +62,14 @@ class OneShotConfig:
 @dataclass
 class CalibratedConfig(OneShotConfig):
     # Calibration sequences from the training split (their length is the data's max length).
-    n_calibration: int = 128
+    calibration_examples: int = 128
     # Sequences per forward pass during calibration (null: the evaluation batch size).
     calibration_batch_size: Optional[int] = None
 
     def __post_init__(self):
         super().__post_init__()
-        check(self.n_calibration >= 1, "n_calibration", self.n_calibration, "a number of sequences >= 1")
+        check(self.calibration_examples >= 1, "calibration_examples", self.calibration_examples,
+              "a number of sequences >= 1")
         check(self.calibration_batch_size is None or self.calibration_batch_size >= 1, "calibration_batch_size",
               self.calibration_batch_size, "null or a batch size >= 1")
 
@@ -149,14 +150,14 @@ class CalibratedPruning(OneShotPruning):
 
     def prune(self, model: nn.Module, layers: dict[str, nn.Module], ctx=None) -> None:
         s = self.settings
-        batches = ctx.datamodule.calibration_batches(s.n_calibration, s.calibration_batch_size)
+        batches = ctx.datamodule.calibration_batches(s.calibration_examples, s.calibration_batch_size)
         self.prune_with_batches(model, layers, batches)
 
     def prune_with_batches(self, model: nn.Module, layers: dict[str, nn.Module], batches) -> None:
         result = prune_block_sequentially(model, layers, batches, self.prune_layer, gram=self.needs_gram)
-        if result.sequences < self.settings.n_calibration:
-            log.warning("calibration used %d sequences, fewer than n_calibration=%d (all the data offered)",
-                        result.sequences, self.settings.n_calibration)
+        if result.sequences < self.settings.calibration_examples:
+            log.warning("calibration used %d sequences, fewer than calibration_examples=%d (all the data offered)",
+                        result.sequences, self.settings.calibration_examples)
         self.record(model, layers, calibration_sequences=result.sequences, calibration_tokens=result.tokens)
 
     def prune_layer(self, name: str, layer: nn.Module, stats: InputStatistics) -> None:

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import pytorch_lightning as pl
 import torch
-from peft import AdaLoraConfig
+from peft import AdaLoraConfig as PeftAdaLoraConfig
 
 from llmk_lab.compression.masks import MASK, mask_merged_updates, masked_update_forward
 from llmk_lab.errors import UserError, check
@@ -26,7 +26,7 @@ from llmk_lab.peft.lora import PeftLibraryStrategy, wrap
 
 
 @dataclass
-class AdaLoraSettings:
+class AdaLoraConfig:
     method: str = "adalora"
     # Rank each target starts with.
     init_r: int = 12
@@ -99,7 +99,7 @@ class RankAllocation(pl.Callback):
     is the point where the step is done and its gradients are still there.
     """
 
-    def __init__(self, model, settings: AdaLoraSettings, reports: dict):
+    def __init__(self, model, settings: AdaLoraConfig, reports: dict):
         self.model, self.settings, self.reports = model, settings, reports
         self.last_step = 0
         self.budgets: list[int] = []
@@ -141,11 +141,11 @@ class RankAllocation(pl.Callback):
         })
 
 
-@PEFT.register("adalora", config=AdaLoraSettings)
+@PEFT.register("adalora", config=AdaLoraConfig)
 class AdaLoRA(PeftLibraryStrategy):
     def apply(self, model, ctx):
         s = self.settings
-        config = AdaLoraConfig(
+        config = PeftAdaLoraConfig(
             task_type=ctx.task.peft_task_type, init_r=s.init_r, target_r=s.target_r, tinit=s.tinit,
             tfinal=s.tfinal, deltaT=s.deltaT, beta1=s.beta1, beta2=s.beta2, orth_reg_weight=s.orth_reg_weight,
             lora_alpha=s.alpha, lora_dropout=s.dropout,

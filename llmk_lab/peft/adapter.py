@@ -35,7 +35,7 @@ ADAPTER = "bottleneck_adapter"
 
 
 @dataclass
-class AdapterSettings:
+class AdapterConfig:
     method: str = "adapter"
     # Width of the bottleneck (the paper sweeps 8, 64, 256).
     bottleneck: int = 64
@@ -76,7 +76,7 @@ def _apply_adapter(module: nn.Module, inputs, output):
     return getattr(module, ADAPTER)(output)
 
 
-def insert_adapters(model: nn.Module, settings: AdapterSettings) -> list[str]:
+def insert_adapters(model: nn.Module, settings: AdapterConfig) -> list[str]:
     # Attention output and feed-forward output projection of every block, from the architecture map.
     default = architecture(model).adapter_sites() if settings.target_modules is None else None
     targets = resolve_targets(model, settings.target_modules, default=default, kinds=LINEAR_TYPES)
@@ -98,7 +98,7 @@ def norm_parameter_names(model: nn.Module) -> list[str]:
             for p, _ in module.named_parameters(recurse=False)]
 
 
-@PEFT.register("adapter", config=AdapterSettings)
+@PEFT.register("adapter", config=AdapterConfig)
 class BottleneckAdapters(PeftStrategy):
     mergeable = False
 
@@ -117,7 +117,7 @@ class BottleneckAdapters(PeftStrategy):
                                                        **vars(self.settings)})
 
 
-def load_adapter(model: nn.Module, directory, settings: AdapterSettings) -> nn.Module:
+def load_adapter(model: nn.Module, directory, settings: AdapterConfig) -> nn.Module:
     """Rebuild a model exported by `peft=adapter`: the base model, adapters inserted, trained tensors loaded."""
     insert_adapters(model, settings)
     return load_trained_tensors(model, directory)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from peft import IA3Config
+from peft import IA3Config as PeftIA3Config
 
 from llmk_lab.architectures import architecture
 from llmk_lab.errors import UserError
@@ -19,7 +19,7 @@ from llmk_lab.peft.lora import PeftLibraryStrategy, wrap
 
 
 @dataclass
-class IA3Settings:
+class IA3Config:
     method: str = "ia3"
     # Regex over module names or a list of name suffixes (null: keys, values and the
     # feed-forward down-projection of every block).
@@ -30,7 +30,7 @@ class IA3Settings:
     feedforward_modules: Optional[Any] = None
 
 
-@PEFT.register("ia3", config=IA3Settings)
+@PEFT.register("ia3", config=IA3Config)
 class IA3(PeftLibraryStrategy):
     def apply(self, model, ctx):
         s = self.settings
@@ -47,7 +47,7 @@ class IA3(PeftLibraryStrategy):
                                 "which is not among peft.target_modules; it must be a subset of the targets")
         else:
             feedforward = default_ff if s.target_modules is None else []
-        config = IA3Config(task_type=ctx.task.peft_task_type, target_modules=targets,
+        config = PeftIA3Config(task_type=ctx.task.peft_task_type, target_modules=targets,
                            feedforward_modules=feedforward)
         return wrap(model, config)
 

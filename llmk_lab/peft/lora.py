@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
 
 from llmk_lab.errors import UserError, check
 from llmk_lab.architectures import architecture
@@ -16,7 +17,7 @@ from llmk_lab.peft import PEFT, PeftStrategy, resolve_targets
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
     method: str = "lora"
     # Rank of the update B A.
     r: int = 8
@@ -64,11 +65,11 @@ class PeftLibraryStrategy(PeftStrategy):
         return model.merge_and_unload()
 
 
-@PEFT.register("lora", config=LoraSettings)
+@PEFT.register("lora", config=LoraConfig)
 class LoRA(PeftLibraryStrategy):
     def apply(self, model, ctx):
         s = self.settings
-        config = LoraConfig(
+        config = PeftLoraConfig(
             task_type=ctx.task.peft_task_type, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
             target_modules=resolve_targets(model, s.target_modules, default=architecture(model).low_rank_update_targets(model)),
             use_rslora=s.use_rslora,

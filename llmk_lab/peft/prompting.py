@@ -19,7 +19,7 @@ from llmk_lab.peft.lora import PeftLibraryStrategy
 
 
 @dataclass
-class PrefixSettings:
+class PrefixConfig:
     method: str = "prefix"
     # Virtual key/value positions prepended in every layer.
     num_virtual_tokens: int = 20
@@ -34,7 +34,7 @@ class PrefixSettings:
 
 
 @dataclass
-class PromptSettings:
+class PromptConfig:
     method: str = "prompt"
     # Soft prompt embeddings prepended to the input.
     num_virtual_tokens: int = 20
@@ -74,7 +74,7 @@ class VirtualTokens(PeftLibraryStrategy):
         return {name for name, _ in model.named_parameters() if "prompt_encoder." in name}
 
 
-@PEFT.register("prefix", config=PrefixSettings)
+@PEFT.register("prefix", config=PrefixConfig)
 class PrefixTuning(VirtualTokens):
 
     def apply(self, model, ctx):
@@ -85,7 +85,7 @@ class PrefixTuning(VirtualTokens):
         return wrap_and_try(model, config, ctx, "prefix")
 
 
-@PEFT.register("prompt", config=PromptSettings)
+@PEFT.register("prompt", config=PromptConfig)
 class PromptTuning(VirtualTokens):
 
     def apply(self, model, ctx):

@@ -20,7 +20,7 @@ class SubsetStrategy(PeftStrategy):
 
 
 @dataclass
-class TopLayersSettings:
+class TopLayersConfig:
     method: str = "top_layers"
     # How many of the top transformer blocks train (with everything above them:
     # BERT's pooler, Llama's final norm, and the task head).
@@ -30,7 +30,7 @@ class TopLayersSettings:
         check(self.num_layers >= 1, "num_layers", self.num_layers, "an integer >= 1")
 
 
-@PEFT.register("top_layers", config=TopLayersSettings)
+@PEFT.register("top_layers", config=TopLayersConfig)
 class TopLayers(SubsetStrategy):
     trains_base_weights = "some"
 
@@ -53,11 +53,11 @@ class TopLayers(SubsetStrategy):
 
 
 @dataclass
-class BitFitSettings:
+class BitFitConfig:
     method: str = "bitfit"
 
 
-@PEFT.register("bitfit", config=BitFitSettings)
+@PEFT.register("bitfit", config=BitFitConfig)
 class BitFit(SubsetStrategy):
     """BitFit (Ben Zaken et al. 2022): every bias term of the model trains, with the task head."""
 
