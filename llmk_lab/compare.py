@@ -167,6 +167,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed passes per model")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the latency measurement")
     args = parser.parse_args(argv)
+    from llmk_lab.console import quiet_libraries
+
+    quiet_libraries()  # no per-load progress bars or load reports
     try:
         if args.repeats < 1 or args.batch_size < 1:
             raise UserError("--repeats and --batch-size must be positive integers")

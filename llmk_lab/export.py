@@ -330,6 +330,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--onnx", action="store_true", help="write onnx/model.onnx (classification runs)")
     args = parser.parse_args(argv)
+    from llmk_lab.console import quiet_libraries
+
+    quiet_libraries()  # no per-load progress bars or load reports
     try:
         figures = check_model_dir(args.run_dir)
         print(f"model/: agreement {figures['agreement']:.4f}, max |difference| {figures['max_abs_diff']:.3g}, "

@@ -274,6 +274,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int)
     args = parser.parse_args(argv)
+    from llmk_lab.console import quiet_libraries
+
+    quiet_libraries()  # no per-load progress bars or load reports
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.simplefilter("default", TruncationWarning)
     warnings.formatwarning = lambda message, category, *rest: f"warning: {message}\n"

@@ -73,6 +73,7 @@ def test_command_line_jsonl_from_a_file(classification_run, tmp_path):
     assert [r["text"] for r in rows] == texts[:5]
     assert [r["label"] for r in rows] == [e["label"] for e in expected]
     assert "\x1b[" not in result.stderr  # not a terminal: no ANSI codes
+    assert "Loading weights" not in result.stderr and "LOAD REPORT" not in result.stderr
 
 
 @pytest.mark.parametrize("case", ["missing_file", "empty_file", "unfinished_run", "no_texts"])
