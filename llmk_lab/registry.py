@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, TypeVar
+from typing import Any, Callable, Generic, Optional, TypeVar
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +26,7 @@ T = TypeVar("T")
 class Entry(Generic[T]):
     name: str
     cls: type[T]
-    config: type
+    config: Optional[type]  # the option's schema; None where the registry composes no config node (tasks)
 
 
 class Registry(Generic[T]):
@@ -37,8 +37,10 @@ class Registry(Generic[T]):
         self.store_schemas = store_schemas
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(self, name: str, config: type) -> Callable[[type[T]], type[T]]:
-        if not dataclasses.is_dataclass(config):
+    def register(self, name: str, config: Optional[type] = None) -> Callable[[type[T]], type[T]]:
+        if config is None and self.store_schemas:
+            raise TypeError(f"{self.group} {name!r} needs a config dataclass: Hydra composes its options")
+        if config is not None and not dataclasses.is_dataclass(config):
             raise TypeError(f"{config!r} must be a dataclass")
 
         def decorate(cls: type[T]) -> type[T]:

@@ -131,12 +131,7 @@ def random_windows(stream: torch.Tensor, n: int, seqlen: int, seed: int = CALIBR
     return [stream[s:s + seqlen] for s in starts]
 
 
-@dataclass
-class CausalLMConfig:
-    name: str = "causal_lm"
-
-
-@TASKS.register("causal_lm", config=CausalLMConfig)
+@TASKS.register("causal_lm")
 class CausalLM(Task):
     auto_class = AutoModelForCausalLM
     peft_task_type = "CAUSAL_LM"

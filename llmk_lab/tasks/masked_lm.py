@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
 
 import torch
 from torchmetrics import Metric, MetricCollection
@@ -94,12 +93,7 @@ class MaskedAccuracy(Metric):
         return self.correct.float() / self.total.clamp(min=1)
 
 
-@dataclass
-class MaskedLMConfig:
-    name: str = "masked_lm"
-
-
-@TASKS.register("masked_lm", config=MaskedLMConfig)
+@TASKS.register("masked_lm")
 class MaskedLM(Task):
     auto_class = AutoModelForMaskedLM
     # peft has no masked-LM task type; the generic wrapper keeps the head frozen, so
@@ -185,12 +179,7 @@ class MaskedLM(Task):
         return {k: float(v) for k, v in metrics.compute().items()}
 
 
-@dataclass
-class MaskedLMNSPConfig:
-    name: str = "masked_lm_nsp"
-
-
-@TASKS.register("masked_lm_nsp", config=MaskedLMNSPConfig)
+@TASKS.register("masked_lm_nsp")
 class MaskedLMWithNSP(MaskedLM):
     auto_class = AutoModelForPreTraining
 

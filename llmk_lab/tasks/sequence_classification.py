@@ -7,7 +7,6 @@ Metrics (torchmetrics): accuracy, macro-F1, and a per-class report
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassPrecision, MulticlassRecall
@@ -17,12 +16,7 @@ from llmk_lab.errors import UserError
 from llmk_lab.tasks import TASKS, Task, metric_name
 
 
-@dataclass
-class SequenceClassificationConfig:
-    name: str = "sequence_classification"
-
-
-@TASKS.register("sequence_classification", config=SequenceClassificationConfig)
+@TASKS.register("sequence_classification")
 class SequenceClassification(Task):
     auto_class = AutoModelForSequenceClassification
     peft_task_type = "SEQ_CLS"

@@ -9,7 +9,6 @@ F1 overall (micro) and per entity type.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 from torchmetrics import Metric, MetricCollection
@@ -79,12 +78,7 @@ class EntityF1(Metric):
         return entity_scores(*self.sequences())
 
 
-@dataclass
-class TokenClassificationConfig:
-    name: str = "token_classification"
-
-
-@TASKS.register("token_classification", config=TokenClassificationConfig)
+@TASKS.register("token_classification")
 class TokenClassification(Task):
     auto_class = AutoModelForTokenClassification
     peft_task_type = "TOKEN_CLS"
