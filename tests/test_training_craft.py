@@ -315,3 +315,33 @@ def test_a_pooled_head_refuses_merged_export_in_one_line():
         plan(compose_config(["train.pooling=cls", "export.merged=true"]))
     with pytest.raises(UserError, match=r"train\.layer_mix='all'.*allowed"):
         plan(compose_config(["train.layer_mix=all"]))
+
+
+# Every option at once, on the smallest budget that still validates twice (early stopping needs two epochs).
+ALL_ON = ["logger=csv", "train.log_every_n_steps=1", "data.limit_train=16", "data.limit_eval=8", "train.batch_size=8", "train.eval_batch_size=8",
+          "train.max_epochs=2", "export.checkpoint=false", "measure.latency_batch_sizes=[]", "measure.size=false",
+          "measure.fidelity=false", "train.monitor=val/acc", "train.early_stopping_patience=1",
+          "train.layer_lr_decay=0.8", "train.adaptive_weight_decay=0.05", "train.dropout=0.2",
+          "train.label_smoothing=0.1", "train.adversarial=fgm", "train.pooling=mean", "train.layer_mix=scalar_mix"]
+
+
+def _check_all_on(metrics: dict, run_dir) -> None:
+    assert metrics["train/best_epoch"] in (1, 2) and metrics["train/adversarial_seconds"] > 0
+    assert metrics["train/steps"] > 0 and 0 <= metrics["test/acc"] <= 1
+    assert _epoch_values(run_dir, "train/effective_weight_decay")
+
+
+@pytest.mark.parametrize("peft", ["lora", "adalora", "ia3", "prefix", "prompt", "adapter", "top_layers", "bitfit",
+                                  "full", "linear_probe"])
+def test_every_option_at_once_composes_with_each_peft_strategy(tmp_path, peft):
+    extra = ["peft.tinit=1", "peft.tfinal=1"] if peft == "adalora" else []  # a rank schedule that fits 4 steps
+    metrics = run_config(ALL_ON + ["model=tiny_bert", "compression=none", f"peft={peft}", *extra], tmp_path)
+    _check_all_on(metrics, tmp_path)
+
+
+@pytest.mark.parametrize("compression, peft", [("magnitude", "lora"), ("structured", "lora"),
+                                               ("dynamic_int8", "lora"), ("distillation", "lora"),
+                                               ("gradual_magnitude", "full")])
+def test_every_option_at_once_composes_with_compression(tmp_path, compression, peft):
+    metrics = run_config(ALL_ON + ["model=tiny_bert", f"compression={compression}", f"peft={peft}"], tmp_path)
+    _check_all_on(metrics, tmp_path)

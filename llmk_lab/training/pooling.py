@@ -35,6 +35,7 @@ TASKS = ("sequence_classification", "token_classification")
 HEAD_NAME = "cross_layer_head"
 # The model's own head modules, bypassed by the new head (BERT: pooler + classifier; decoders: score).
 REPLACED = re.compile(r"(^|\.)(classifier|score|pooler|pre_classifier)(\.|$)")
+ADAPTER_PARAM = re.compile(r"\.lora_(A|B|E|embedding_A|embedding_B|magnitude_vector)\.")
 
 
 def enabled(train_cfg) -> bool:
@@ -117,7 +118,10 @@ def _replace_head_outputs(module, args, kwargs, output):
     mask, virtual = _mask(hidden_states[-1], kwargs.get("attention_mask"))
     if head.token_level and virtual:  # score the real tokens only, aligned with the labels
         hidden_states, mask = tuple(h[:, virtual:] for h in hidden_states), mask[:, virtual:]
-    logits = head(hidden_states, mask)
+    # The model's own head stays in the graph with weight 0, so that whatever loss is computed from the
+    # logits (smoothed, distilled) gives adapter matrices on it (LoRA on BERT's pooler) zero gradients
+    # rather than none, which AdaLoRA's importance scores require.
+    logits = head(hidden_states, mask) + 0.0 * output["logits"].sum()
     output["logits"] = logits
     labels = kwargs.get("labels")
     if labels is not None:
@@ -151,8 +155,9 @@ def attach(model: nn.Module, task, train_cfg) -> CrossLayerHead:
     head = CrossLayerHead(config.hidden_size, layers, config.num_labels, train_cfg.pooling, train_cfg.layer_mix,
                           train_cfg.layer_mix_k, dropout, token_level).to(reference.device)
     for param_name, param in model.named_parameters():
-        if REPLACED.search(param_name):
-            param.requires_grad_(False)  # bypassed: its output is replaced by the new head's
+        # Bypassed, its output replaced by the new head's (adapter matrices on it stay as the strategy set them).
+        if REPLACED.search(param_name) and not ADAPTER_PARAM.search(param_name):
+            param.requires_grad_(False)
     model.add_module(HEAD_NAME, head)
     model.register_forward_pre_hook(_ask_for_hidden_states, with_kwargs=True)
     model.register_forward_hook(_replace_head_outputs, with_kwargs=True)
