@@ -160,7 +160,11 @@ def resolve_threads(hw, cores: Optional[int] = None) -> tuple[Optional[int], str
     jobs, source = parallel_jobs(cores)
     processes = processes_per_job(hw)
     share = max(1, cores // (jobs * processes))
-    return share, f"auto: {cores} cores / ({jobs} parallel jobs [{source}] x {processes} processes per job)"
+    rule = f"auto: {cores} cores / ({jobs} parallel jobs [{source}] x {processes} processes per job)"
+    limit = os.environ.get("OMP_NUM_THREADS", "")
+    if limit.isdigit() and 0 < int(limit) < share:  # an explicit limit of the environment (a cluster, a test run)
+        return int(limit), f"{rule}, capped by OMP_NUM_THREADS={limit}"
+    return share, rule
 
 
 def prepare(hw) -> dict[str, Any]:

@@ -192,15 +192,20 @@ def test_hardware_that_is_not_there_is_one_line(override, says):
     assert "\n" not in str(err.value)
 
 
-def test_threads_auto_divides_the_cores_among_parallel_jobs_and_processes():
+def test_threads_auto_divides_the_cores_among_parallel_jobs_and_processes(monkeypatch):
     from hydra import compose, initialize_config_dir
     from hydra.core.hydra_config import HydraConfig
 
     from llmk_lab import hardware
     from llmk_lab.cli import config_dir
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     hw = _settings(["hardware.threads=auto"]).hardware
     assert hardware.resolve_threads(hw, cores=8)[0] == 8  # one job alone gets every core
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # an explicit limit of the environment is kept
+    assert hardware.resolve_threads(hw, cores=8) == (3, hardware.resolve_threads(hw, cores=8)[1])
+    assert "capped by OMP_NUM_THREADS=3" in hardware.resolve_threads(hw, cores=8)[1]
+    monkeypatch.delenv("OMP_NUM_THREADS")
     ddp = _settings(["hardware.threads=auto", "hardware.strategy=ddp", "hardware.devices=2"]).hardware
     assert hardware.resolve_threads(ddp, cores=8)[0] == 4
     assert hardware.resolve_threads(_settings(["hardware.threads=3"]).hardware, cores=8) == (3, "hardware.threads")
