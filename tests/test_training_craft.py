@@ -64,6 +64,11 @@ def test_early_stopping_stops_and_the_best_checkpoint_is_what_gets_tested(tmp_pa
     assert best != 2, f"the last epoch was the best ({per_epoch}): restoring would not be tested"
 
 
+def test_a_monitored_name_the_task_does_not_log_is_one_line(tmp_path, tiny):
+    with pytest.raises(UserError, match=r"train\.monitor='val/accuracy' .*allowed: \[.*'val/acc'"):
+        run_config(tiny + STEPS + ["train.monitor=val/accuracy", "train.early_stopping_patience=1"], tmp_path)
+
+
 def test_monitor_must_be_a_validation_metric():
     with pytest.raises(UserError, match=r"train\.monitor='test/acc'.*allowed"):
         plan(compose_config(["train.monitor=test/acc"]))

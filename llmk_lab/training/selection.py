@@ -11,6 +11,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 
+from llmk_lab.errors import UserError
+
 log = logging.getLogger(__name__)
 
 LOWER_IS_BETTER = ("loss", "nll", "perplexity")
@@ -26,11 +28,25 @@ class BestCheckpoint(ModelCheckpoint):
     """Keeps the single best checkpoint (weights only) of the monitored validation metric."""
 
 
+class MonitorCheck(pl.Callback):
+    """A monitored name the task does not log is one line naming the ones it does, at the first validation
+    (metric names depend on the task and its labels, so they cannot be checked before the data is read)."""
+
+    def __init__(self, monitor: str):
+        self.monitor = monitor
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or self.monitor in trainer.callback_metrics:
+            return
+        logged = sorted(k for k in trainer.callback_metrics if k.startswith("val/"))
+        raise UserError(f"train.monitor={self.monitor!r} is not a validation metric of this task; allowed: {logged}")
+
+
 def selection_callbacks(train_cfg, run_dir: Path) -> list[pl.Callback]:
     if not train_cfg.monitor or train_cfg.fast_dev_run:
         return []
     mode = monitor_mode(train_cfg)
-    callbacks: list[pl.Callback] = [BestCheckpoint(
+    callbacks: list[pl.Callback] = [MonitorCheck(train_cfg.monitor), BestCheckpoint(
         dirpath=str(Path(run_dir) / "checkpoints"), filename="best-epoch{epoch}", auto_insert_metric_name=False,
         monitor=train_cfg.monitor, mode=mode, save_top_k=1, save_weights_only=True, enable_version_counter=False)]
     if train_cfg.early_stopping_patience is not None:
