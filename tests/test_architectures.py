@@ -232,6 +232,23 @@ def test_lora_over_a_pruned_model_keeps_the_zeros_through_merging(family):
     assert torch.allclose(merged(**inputs).logits, adapted, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["lora", "linear_probe"])
+def test_the_head_modules_a_family_adds_train_with_the_head(method):
+    """DistilBERT's newly initialised pre_classifier trains with its classifier (the map's `head`; peft's
+    own head list matches it by suffix)."""
+    from types import SimpleNamespace
+
+    from llmk_lab.peft import PEFT
+
+    strategy = PEFT.build({"method": method, **({"r": 2} if method == "lora" else {})}, "peft")
+    task = SimpleNamespace(peft_task_type="SEQ_CLS", head_modules=("classifier", "score"))
+    adapted = strategy.apply(tiny("distilbert"), SimpleNamespace(task=task))
+    trainable = {n for n, p in adapted.named_parameters() if p.requires_grad}
+    assert any("pre_classifier." in n for n in trainable) and any(".classifier." in n or n.startswith("classifier.")
+                                                                  for n in trainable)
+    assert not any("embeddings" in n for n in trainable)
+
+
 # ------------------------------------------------------------------ structured pruning
 
 
