@@ -42,7 +42,8 @@ FULL_TASK = "sequence_classification"
 SLICE_COMPRESSION, SLICE_PEFT = "magnitude", "lora"
 
 # Settings that make an option's default cheap or meaningful on a 2-step, 16-example run; an option not
-# listed runs with its YAML defaults (so a newly registered method needs nothing here to join).
+# listed runs with its YAML defaults (so a newly registered method needs nothing here to join). Calibration
+# sets need no entry: they are drawn from the 16 training examples.
 TINY_SETTINGS = {
     "adalora": ["peft.tinit=0", "peft.tfinal=0", "peft.deltaT=1", "peft.init_r=4", "peft.target_r=2"],
     "prefix": ["peft.num_virtual_tokens=4"],
@@ -50,9 +51,6 @@ TINY_SETTINGS = {
     "adapter": ["peft.bottleneck=8"],
     "gradual_magnitude": ["compression.frequency=1"],
     "movement": ["compression.frequency=1"],
-    "wanda": ["compression.calibration_examples=8"],
-    "sparsegpt": ["compression.calibration_examples=8"],
-    "structured": ["compression.calibration_examples=8"],
     # Random 32-wide weights have a flat spectrum: 90 % of the energy needs nearly full rank.
     "low_rank": ["compression.rank=4"],
     # A two-step chain: prune, then quantise.
@@ -183,7 +181,7 @@ class _Capture:
     def __init__(self):
         self.ctx = None
         self.frozen_changed: list[str] = []
-        self.frozen_count = 0
+        self.frozen_count: Optional[int] = None  # set when fit starts
 
     @contextlib.contextmanager
     def installed(self):
@@ -226,7 +224,11 @@ def run_cell(cell: Cell, workdir: Path, reference_totals: Optional[dict] = None)
     from llmk_lab.errors import UserError
     from llmk_lab.run import run
 
-    merged_refusal, first = refusals(cell)
+    try:
+        merged_refusal, first = refusals(cell)
+    except Exception as err:  # noqa: BLE001 - a config that does not compose is the cell's result
+        line = str(err).splitlines()[0] if str(err) else ""
+        return Outcome(cell, "failed", f"does not compose: {type(err).__name__}: {line}")
     merged = merged_refusal is None
     if first is not None:
         return Outcome(cell, "refused", first)
@@ -237,7 +239,11 @@ def run_cell(cell: Cell, workdir: Path, reference_totals: Optional[dict] = None)
         with capture.installed():
             metrics = run(compose(cell.overrides(merged)), run_dir)
     except UserError as err:
-        # Refused, but only after the run started: plan() should have said so before anything was written.
+        if capture.frozen_count is None and not (run_dir / "metrics.json").exists():
+            # Refused while the model was set up, before training: a property of the model's architecture
+            # (Llama has no biases for BitFit), which plan() cannot see without loading the model.
+            return Outcome(cell, "refused", f"{err} (at model set-up)", merged_refusal)
+        # Refused once training had started: plan() should have said so before anything ran.
         return Outcome(cell, "failed", f"refused after plan(): {err}", merged_refusal)
     except Exception as err:  # noqa: BLE001 - a cell's crash is its result
         line = str(err).splitlines()[0] if str(err) else ""

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmk_lab.compression import CompressionMethod, build_methods
 from llmk_lab.compression.weight_sharing import untie_shared_weights
-from llmk_lab.compression.masks import MaskKeeper, mask_lora_updates, masked_linears, sparsity_report
+from llmk_lab.compression.masks import (PRUNED_BASE, MaskKeeper, mask_lora_updates, masked_linears,
+                                      save_pruned_base, sparsity_report)
 from llmk_lab.config import RunConfig
 from llmk_lab.context import RunContext
 from llmk_lab.data import load_data
@@ -151,6 +152,9 @@ def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict
         written["checkpoint"] = str(path)
     if settings.export.adapter and strategy.save_adapter(ctx.model, run_dir / "adapter"):
         written["adapter"] = str(run_dir / "adapter")
+        # The adapter trained over the pruned base: that base's pruned layers go with it (load_pruned_base).
+        if save_pruned_base(ctx.model, run_dir / "adapter"):
+            written["adapter_pruned_base"] = str(run_dir / "adapter" / PRUNED_BASE)
     if settings.export.merged:
         merged = deployable(ctx.model, strategy)  # plan() refused export.merged for unmergeable strategies
         merged.save_pretrained(run_dir / "merged", safe_serialization=True)

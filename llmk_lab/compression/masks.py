@@ -15,7 +15,7 @@ keep the pruned weights at zero afterwards:
 from __future__ import annotations
 
 import types
-from typing import Callable
+from typing import Any, Callable
 
 import pytorch_lightning as pl
 import torch
@@ -51,7 +51,13 @@ class MaskKeeper(pl.Callback):
     """Keeps pruned weights at zero through training."""
 
     def __init__(self, model: nn.Module):
+        self.model = model
         self.modules = list(masked_linears(model).values())
+
+    def on_train_start(self, trainer, pl_module):
+        # Only weights the optimiser can move need re-masking: with LoRA the pruned base is frozen, and
+        # re-masking it every step would be a pass over every pruned matrix for nothing.
+        self.modules = [m for m in masked_linears(self.model).values() if m.weight.requires_grad]
 
     def on_after_backward(self, trainer, pl_module):
         for module in self.modules:
@@ -64,31 +70,81 @@ class MaskKeeper(pl.Callback):
                 module.weight.mul_(getattr(module, MASK))
 
 
-def masked_update_forward(update_weight: Callable[[nn.Module, str], torch.Tensor]):
-    """A forward for a peft low-rank layer whose update obeys the base layer's pruning mask:
-    x @ ((W + dW) * M)^T, so the model trained is the model that merging (then re-masking) exports.
-    `update_weight(layer, adapter_name)` returns dW as a full matrix."""
+def _weight_out_in(layer: nn.Module) -> torch.Tensor:
+    """The base weight as (out, in), the layout F.linear takes (transformers' Conv1D stores it as (in, out))."""
+    weight = layer.base_layer.weight
+    return weight.t() if layer.fan_in_fan_out else weight
+
+
+def _dropout_active(layer: nn.Module, name: str) -> bool:
+    dropout = layer.lora_dropout[name]
+    return layer.training and not isinstance(dropout, nn.Identity) and getattr(dropout, "p", 1.0) > 0
+
+
+def _factors(update_factors, layer: nn.Module, name: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    left, right, scale = update_factors(layer, name)
+    if isinstance(scale, torch.Tensor):  # AdaLoRA divides by its rank, a tensor: fold it into R
+        return left, right * scale, 1.0
+    return left, right, scale
+
+
+def masked_update_forward(update_factors: Callable[[nn.Module, str], tuple[torch.Tensor, torch.Tensor, Any]]):
+    """A forward for a peft low-rank layer whose update obeys the base layer's pruning mask, so the model
+    trained is exactly the model that peft's (masked) merge exports.
+
+    `update_factors(layer, adapter)` returns (L, R, s) with the update s L R, L (out, r), R (r, in).
+
+    Cost per layer, in units of d_out x d_in x tokens multiply-adds: plain LoRA needs 2 (forward and
+    the input gradient through the frozen W; its factors' products are r/d of that). Masking the update
+    makes its gradient a full matrix, (G^T X) * M, before it is projected on the factors, so any exact
+    formulation needs that third product. Without active dropout (evaluation, `dropout=0`) the layer
+    is one matmul with W_eff = (W + s L R) * M, formed once per step (r/tokens of a unit) and reused by
+    autograd for the input gradient: 3 units. peft's dropout applies to the update's input only,
+    y = x W^T + dropout(x) ((s L R) * M)^T, which needs a second matmul each way: 5 units, exactly
+    peft's training semantics. DoRA scales the rows of W_eff by m / ||W_eff|| (norm detached, as in
+    peft and the paper), which is one more elementwise pass.
+    """
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         if self.disable_adapters or self.merged:
             return self.base_layer(x, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        names = [n for n in self.active_adapters if n in self.lora_A]
         mask = getattr(self.base_layer, MASK)
-        if self.fan_in_fan_out:  # transformers' Conv1D (GPT-2) stores W^T; dW is (out, in)
+        if self.fan_in_fan_out:
             mask = mask.t()
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
-            delta = update_weight(self, name)
-            x_in = self.lora_dropout[name](x).to(delta.dtype)
-            result = result + F.linear(x_in, delta * mask).to(result.dtype)
+        magnitudes = getattr(self, "lora_magnitude_vector", None) or {}
+        fusable = (len(names) == 1 and not _dropout_active(self, names[0]) and not args and not kwargs
+                   and isinstance(getattr(self.base_layer, "weight", None), torch.Tensor))
+        if fusable:
+            name = names[0]
+            left, right, scale = _factors(update_factors, self, name)
+            weight = torch.addmm(_weight_out_in(self), left, right, alpha=scale) * mask
+            bias = getattr(self.base_layer, "bias", None)
+            if name not in magnitudes:
+                return F.linear(x.to(weight.dtype), weight, bias)
+            # DoRA: rows of W_eff rescaled to the learnt magnitudes m, ||W_eff|| held constant in backward.
+            row_scale = magnitudes[name].weight / torch.linalg.norm(weight, dim=1).detach()
+            out = F.linear(x.to(weight.dtype), weight) * row_scale
+            return out + bias if bias is not None else out
+        # Dropout on the update's input (peft's training semantics) or several adapters: base + updates.
+        result = self.base_layer(x, *args, **kwargs)
+        for name in names:
+            left, right, scale = _factors(update_factors, self, name)
+            update = (torch.mm(left, right) * scale) * mask
+            if name in magnitudes:  # DoRA: diag(m / ||W + dW||) (W + dW) - W on the dropped-out input
+                weight = _weight_out_in(self)
+                effective = weight + update
+                row_scale = magnitudes[name].weight / torch.linalg.norm(effective, dim=1).detach()
+                update = effective * row_scale[:, None] - weight
+            x_in = self.lora_dropout[name](x).to(update.dtype)
+            result = result + F.linear(x_in, update).to(result.dtype)
         return result
 
     return forward
 
 
 _masked_lora_forward = masked_update_forward(
-    lambda layer, name: (layer.lora_B[name].weight @ layer.lora_A[name].weight) * layer.scaling[name])
+    lambda layer, name: (layer.lora_B[name].weight, layer.lora_A[name].weight, layer.scaling[name]))
 
 
 def _masked_delta_weight(self, adapter: str) -> torch.Tensor:
@@ -110,12 +166,70 @@ def mask_lora_updates(model: nn.Module) -> int:
     patched = 0
     for module in model.modules():
         if isinstance(module, LoraLinear) and hasattr(module.base_layer, MASK):
-            if any(module.use_dora.values()):
-                raise UserError("peft.use_dora=true cannot keep pruning masks; use plain LoRA on a pruned model")
             module.forward = types.MethodType(_masked_lora_forward, module)
             mask_merged_updates(module)
             patched += 1
     return patched
+
+
+# Next to a pruned run's adapter: the pruned base layers (weights as compressed, zeros included) and their masks.
+PRUNED_BASE = "pruned_base.safetensors"
+
+
+def _plain_name(name: str) -> str:
+    """A module's name in the plain base model, without peft's wrapping (`base_model.model.`, `.base_layer`)."""
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer", "")
+
+
+def save_pruned_base(model: nn.Module, directory) -> bool:
+    """Write the pruned layers of `model`'s base (weights and masks) next to its adapter.
+
+    The adapter was trained over the pruned base, (W * M + dW) * M for LoRA, not over the base anyone can
+    download; with these layers `load_pruned_base` rebuilds that base, and the adapter on it reproduces the
+    run. (SparseGPT also changes the weights it keeps, so the masks alone would not do.) False when the
+    model has no pruned layer."""
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    # Quantised layers (int8 after fit) hold no float weight to save; the int8 model is not an adapter's base.
+    masked = {n: m for n, m in masked_linears(model).items()
+              if type(m.weight) in (torch.Tensor, nn.Parameter) and type(m.weight.data) is torch.Tensor}
+    if not masked:
+        return False
+    tensors = {}
+    for name, module in masked.items():
+        plain = _plain_name(name)
+        tensors[f"{plain}.weight"] = module.weight.detach().cpu().contiguous()
+        tensors[f"{plain}.{MASK}"] = getattr(module, MASK).cpu().contiguous()
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(Path(directory) / PRUNED_BASE))
+    return True
+
+
+@torch.no_grad()
+def load_pruned_base(base_model: nn.Module, directory) -> nn.Module:
+    """Put the pruned layers saved by `save_pruned_base` into a plain base model (the one the run loaded),
+    masks included; then load the adapter onto it (peft: `PeftModel.from_pretrained`, then
+    `mask_lora_updates` so LoRA's update keeps the zeros, as in training)."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(Path(directory) / PRUNED_BASE))
+    for key, weight in tensors.items():
+        if not key.endswith(".weight"):
+            continue
+        name = key.removesuffix(".weight")
+        try:
+            module = base_model.get_submodule(name)
+        except AttributeError:
+            raise UserError(f"{directory}: pruned layer {name!r} is not in {type(base_model).__name__}; load the "
+                            "base model the run started from") from None
+        module.weight.copy_(weight.to(module.weight.device, module.weight.dtype))
+        set_mask(module, tensors[f"{name}.{MASK}"])
+    return base_model
 
 
 def sparsity_report(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> dict:
