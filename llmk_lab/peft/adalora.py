@@ -66,8 +66,8 @@ class AdaLoraConfig:
 
 # AdaLoRA's update is P diag(E) Q, scaled by alpha over the current rank.
 _masked_svd_forward = masked_update_forward(
-    lambda layer, name: (layer.lora_B[name] @ (layer.lora_A[name] * layer.lora_E[name])) * layer.scaling[name]
-    / (layer.ranknum[name] + 1e-5))
+    lambda layer, name: (layer.lora_B[name], layer.lora_A[name] * layer.lora_E[name],
+                         layer.scaling[name] / (layer.ranknum[name] + 1e-5)))
 
 
 def mask_svd_updates(model) -> int:
