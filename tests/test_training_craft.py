@@ -350,3 +350,20 @@ def test_every_option_at_once_composes_with_each_peft_strategy(tmp_path, peft):
 def test_every_option_at_once_composes_with_compression(tmp_path, compression, peft):
     metrics = run_config(ALL_ON + ["model=tiny_bert", f"compression={compression}", f"peft={peft}"], tmp_path)
     _check_all_on(metrics, tmp_path)
+
+
+def test_layer_lr_decay_finds_the_blocks_of_a_decoder_too():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from llmk_lab.training.llrd import split_by_depth
+
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=3, num_attention_heads=4,
+                                                       num_key_value_heads=2, num_labels=2, pad_token_id=0))
+    groups = split_by_depth(model, [{"params": list(model.parameters()), "weight_decay": 0.0}], 1.0, 0.5)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {name_of[id(p)]: g["lr"] for g in groups for p in g["params"]}
+    assert lr_of["model.layers.0.self_attn.q_proj.weight"] == 0.5 ** 3
+    assert lr_of["model.layers.2.mlp.down_proj.weight"] == 0.5
+    assert lr_of["model.embed_tokens.weight"] == 0.5 ** 4
+    assert lr_of["score.weight"] == 1.0 and lr_of["model.norm.weight"] == 1.0  # above the blocks: the head's rate

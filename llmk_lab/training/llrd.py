@@ -17,9 +17,9 @@ INPUT_SIDE = ("embed", "prompt_encoder", "wte", "wpe")
 
 
 def blocks_of(model: nn.Module) -> nn.ModuleList:
-    from llmk_lab.peft import transformer_layers
+    from llmk_lab.architectures import transformer_blocks  # the one module that knows where blocks are
 
-    return transformer_layers(model)
+    return transformer_blocks(model)
 
 
 def parameter_depths(model: nn.Module) -> dict[int, int]:
