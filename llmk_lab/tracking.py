@@ -39,8 +39,9 @@ def build_loggers(logger_cfg, run_dir: Path, run_name: str, group: Optional[str]
 
         # Event files straight in <run_dir>/tensorboard (no version_N folder: one run, one directory);
         # view with `tensorboard --logdir outputs/` to compare runs.
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
-                                         default_hp_metric=False))
+        tensorboard = TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False)
+        tensorboard.run_config = config  # written with the final metrics, for TensorBoard's HParams view
+        loggers.append(tensorboard)
     if "wandb" in kinds:
         from pytorch_lightning.loggers import WandbLogger
 
@@ -61,8 +62,13 @@ def build_loggers(logger_cfg, run_dir: Path, run_name: str, group: Optional[str]
 
 
 def log_summary(loggers: list[Logger], summary: dict[str, Any]) -> None:
-    """Final numbers: W&B run summary (not a step), and nothing for the CSV log (metrics.json has them)."""
+    """Final numbers: W&B run summary (not a step); TensorBoard: the config as hyperparameters with the
+    final numbers as their metrics (the HParams view compares runs); nothing for the CSV log (metrics.json)."""
     for logger in loggers:
+        if hasattr(logger, "run_config"):
+            numbers = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            logger.log_hyperparams(logger.run_config, numbers)
+            continue
         experiment = getattr(logger, "experiment", None)
         if logger.__class__.__name__ == "WandbLogger" and experiment is not None:
             experiment.summary.update({k: v for k, v in summary.items() if isinstance(v, (int, float, str))})

@@ -7,7 +7,7 @@ import torch
 
 from llmk_lab.errors import UserError
 from llmk_lab.run import plan
-from tests.conftest import compose_config, run_config
+from tests.conftest import compose_config, read_metrics, run_config
 
 # Training long enough to log a few steps.
 STEPS = ["train.log_every_n_steps=1", "compression=none"]
@@ -30,6 +30,15 @@ def test_tensorboard_writes_event_files_next_to_the_csv_log(tmp_path, tiny):
     assert len(scalars["train/loss"]) == 4 and all(v > 0 for v in scalars["train/loss"])
     assert "val/acc" in scalars
     assert (tmp_path / "csv" / "metrics.csv").exists()
+    # the config as hyperparameters with the final numbers as their metrics (TensorBoard's HParams view)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert "_hparams_/session_start_info" in acc.PluginTagToContent("hparams")
+    final = read_metrics(tmp_path)
+    assert scalars["test/acc"][-1] == pytest.approx(final["test/acc"])
+    assert scalars["params/trainable"] == [final["params/trainable"]]  # only the summary logs it
 
 
 def test_logger_options_compose_and_several_kinds_are_active_at_once():
