@@ -149,3 +149,14 @@ def test_compare_two_runs_on_the_same_inputs(pruned_lora_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "agreement" in out and "latency ratio" in out
     assert json.loads((tmp_path / "c.json").read_text())["agreement"] == result["agreement"]
+
+
+def test_an_export_that_would_lose_the_adapter_is_left_out_with_the_reason(tmp_path):
+    """Houlsby adapters live inside the transformers model but are not part of its class: a folder saved
+    from it would reload without them, so it is not written, and metrics.json says why."""
+    run_config(FAST + topic_csv(tmp_path) + ["compression=none", "peft=adapter"], tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["export/model"].startswith("not written:"), metrics["export/model"]
+    assert "do not load into plain" in metrics["export/model"] or "differ" in metrics["export/model"]
+    assert not (tmp_path / "run" / "model").exists()
+    assert (tmp_path / "run" / "reference" / "test.safetensors").exists()
