@@ -267,10 +267,16 @@ class ExportConfig:
 @dataclass
 class MeasureConfig:
     # What compression runs report next to the task metric, compressed vs dense, in one process.
+    # false: only the task metric and the parameter counts (no after-merge sparsity, size, latency or
+    # fidelity, and no dense reference kept in memory): for sweeps that only read the task metric.
+    enabled: bool = True
     # Batch sizes for the CPU latency / throughput measurement (empty: skip).
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
-    # Timed passes per model and batch size (alternating dense and compressed, after warm-up).
+    # Timed passes per model and batch size (alternating dense and compressed, after warm-up): the
+    # measurement costs (latency_warmup + latency_repeats) x 2 forward passes per batch size, all recorded
+    # in metrics.json (latency/repeats, latency/warmup, latency/batch_sizes).
     latency_repeats: int = 5
+    latency_warmup: int = 2
     # Bytes on disk of the dense save (safetensors) and of the compressed save (bitmask-sparse or quantised).
     size: bool = True
     # Prediction agreement and mean KL(dense || compressed) on the test split.
@@ -280,6 +286,7 @@ class MeasureConfig:
         check(all(b >= 1 for b in self.latency_batch_sizes), "latency_batch_sizes", self.latency_batch_sizes,
               "a list of positive integers (empty: skip)")
         check(self.latency_repeats >= 1, "latency_repeats", self.latency_repeats, "an integer >= 1")
+        check(self.latency_warmup >= 0, "latency_warmup", self.latency_warmup, "an integer >= 0")
 
 
 @dataclass

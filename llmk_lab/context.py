@@ -34,5 +34,9 @@ class RunContext:
     dense_model: Optional[nn.Module] = None
     # The compression method that quantised the model, if one did: a second quantisation is refused.
     quantized_by: Optional[str] = None
+    # The deployable copy of the final model (adapter merged, eval mode, CPU), built once after training
+    # and shared by the after-merge sparsity, size, latency, fidelity and the exports, with the model it
+    # was built from (a copy of another model is never reused): see `measure.deployed`.
+    deployed: Optional[tuple[nn.Module, nn.Module]] = None
     # What each stage reports; flattened into metrics.json.
     reports: dict[str, Any] = field(default_factory=dict)

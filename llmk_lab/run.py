@@ -29,7 +29,8 @@ from llmk_lab.data import load_data
 from llmk_lab.data.module import TaskDataModule
 from llmk_lab.errors import UserError
 from llmk_lab.manifest import build_manifest, write_json
-from llmk_lab.measure import compression_figures, deployable, keep_fitted_reference, parameter_counts, peak_memory_mb
+from llmk_lab.measure import (compression_figures, deployed, keep_fitted_reference, needs_reference, parameter_counts,
+                              peak_memory_mb)
 from llmk_lab.models import load_model, load_tokenizer
 from llmk_lab.module import TaskModule, ThroughputMonitor
 from llmk_lab.peft import PEFT, PeftStrategy
@@ -137,8 +138,8 @@ def measure_sparsity(ctx: RunContext, strategy: PeftStrategy, methods) -> dict[s
     requested = [m.settings.sparsity for m in methods if hasattr(m.settings, "sparsity")]
     if requested:
         figures["sparsity/requested"] = requested[-1]
-    if strategy.mergeable:
-        report = sparsity_report(deployable(ctx.model, strategy))
+    if strategy.mergeable and ctx.settings.measure.enabled:
+        report = sparsity_report(deployed(ctx, strategy))
         figures["sparsity/after_merge"] = report["overall"]
         ctx.reports["sparsity_per_layer_after_merge"] = report["per_layer"]
     return figures
@@ -156,7 +157,7 @@ def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict
         if save_pruned_base(ctx.model, run_dir / "adapter"):
             written["adapter_pruned_base"] = str(run_dir / "adapter" / PRUNED_BASE)
     if settings.export.merged:
-        merged = deployable(ctx.model, strategy)  # plan() refused export.merged for unmergeable strategies
+        merged = deployed(ctx, strategy)  # plan() refused export.merged for unmergeable strategies
         merged.save_pretrained(run_dir / "merged", safe_serialization=True)
         ctx.tokenizer.save_pretrained(run_dir / "merged")
         written["merged"] = str(run_dir / "merged")
@@ -225,6 +226,7 @@ class PostTrainingStages:
     def __init__(self, run_dir: Path, metrics: dict, ctx: RunContext, methods, raw, datamodule, started: float):
         self.run_dir, self.metrics, self.ctx, self.methods = run_dir, metrics, ctx, methods
         self.raw, self.datamodule, self.started = raw, datamodule, started
+        self.begun = time.perf_counter()
 
     def _write(self, **extra: Any) -> None:
         self.metrics.update({
@@ -244,8 +246,11 @@ class PostTrainingStages:
     def stage(self, name: str):
         # Written before the stage, so even a process killed inside it leaves the figures and the stage's name.
         self._write(failed_stage=name, error="did not finish (the process ended inside this stage)")
+        begun = time.perf_counter()
         try:
             yield
+            # What each stage after training costs, next to time/fit_s (benchmarks/compressed_training.py).
+            self.metrics[f"time/{name}_s"] = time.perf_counter() - begun
         except BaseException as err:
             line = str(err).splitlines()[0] if str(err) else ""
             self._write(failed_stage=name, error=f"{type(err).__name__}: {line}")
@@ -253,6 +258,7 @@ class PostTrainingStages:
             raise
 
     def finish(self) -> None:
+        self.metrics["time/post_training_s"] = time.perf_counter() - self.begun
         self._write()
 
 
@@ -294,6 +300,10 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         ctx.dense_model, ctx.reports["measure/reference"] = copy.deepcopy(model), "model as loaded"
     for method in p.methods:
         method.before_fit(ctx)
+    if ctx.dense_model is not None and not needs_reference(settings.measure):
+        # No figure compares with it (the methods before fit, e.g. a distillation teacher, have had it).
+        ctx.dense_model = None
+        ctx.reports.pop("measure/reference", None)
 
     # 5. adaptation; pruning masks are kept through it
     ctx.model = p.strategy.apply(ctx.model, ctx)
@@ -318,14 +328,16 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         # Pretrained models load in eval mode; Lightning keeps each submodule's
         # mode, so switch to train mode explicitly (dropout on).
         ctx.module.train()
+        fit_started = time.perf_counter()
         trainer.fit(ctx.module, datamodule=datamodule, ckpt_path=jobs.checkpoint_to_resume(settings, run_dir))
+        fit_seconds = time.perf_counter() - fit_started
         train_figures = {"train/examples_per_s": throughput.examples_per_second,
                          "train/peak_memory_mb": peak_memory_mb(), "train/examples": throughput.examples,
                          "train/steps": trainer.global_step, "train/seconds": throughput.seconds,
                          # examples per optimiser step, over every process of a distributed run
                          "train/effective_batch_size": (settings.train.batch_size * trainer.world_size
                                                         * settings.train.accumulate_grad_batches),
-                         "train/world_size": trainer.world_size}
+                         "train/world_size": trainer.world_size, "time/fit_s": fit_seconds}
         train_figures.update(restore_best(ctx.module, trainer, callbacks))  # the selected weights from here on
         if ctx.module.adversary is not None:
             train_figures.update(ctx.module.adversary.figures())
@@ -351,6 +363,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
             with stages.stage("compression_figures"):
                 metrics.update(compression_figures(ctx, p.strategy,
                                                    reference_measures(ctx, model_info, settings.measure)))
+            ctx.dense_model = None  # nothing after the figures compares with it
 
         # 9. export and log
         with stages.stage("export"):
