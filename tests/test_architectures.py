@@ -249,6 +249,22 @@ def test_the_head_modules_a_family_adds_train_with_the_head(method):
     assert not any("embeddings" in n for n in trainable)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "gemma3_text", "distilbert"])
+def test_adapters_sit_after_the_attention_and_feed_forward_outputs_of_every_family(family):
+    from llmk_lab.peft.adapter import ADAPTER, AdapterConfig, insert_adapters, norm_parameter_names
+
+    model = tiny(family)
+    arch = architecture(model)
+    inputs = batches(1)[0]
+    before = model(**inputs).logits
+    sites = insert_adapters(model, AdapterConfig(bottleneck=4, init_std=1e-6))
+    expected = {arch.block_prefix(i) + name for i in range(2) for name in (arch.family.o, arch.family.ffn_out)}
+    assert set(sites) == expected and all(hasattr(model.get_submodule(s), ADAPTER) for s in sites)
+    assert torch.allclose(model(**inputs).logits, before, atol=1e-3)  # near-identity at initialisation
+    norms = {n.rsplit(".", 1)[0] for n in norm_parameter_names(model)}
+    assert norms == {arch.block_prefix(i) + n for i in range(2) for n in arch.family.norms}
+
+
 # ------------------------------------------------------------------ structured pruning
 
 
