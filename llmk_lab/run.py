@@ -158,6 +158,8 @@ def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict
             written["adapter_pruned_base"] = str(run_dir / "adapter" / PRUNED_BASE)
     if settings.export.merged:
         merged = deployed(ctx, strategy)  # plan() refused export.merged for unmergeable strategies
+        # transformers' format has no cross-layer sharing: each block saves its own copy of a shared weight.
+        untie_shared_weights(merged)
         merged.save_pretrained(run_dir / "merged", safe_serialization=True)
         ctx.tokenizer.save_pretrained(run_dir / "merged")
         written["merged"] = str(run_dir / "merged")
@@ -205,18 +207,6 @@ def reference_measures(ctx: RunContext, model_info: dict, measure):
     return measure
 
 
-# What the console table shows; metrics.json has every figure.
-SUMMARY_KEYS = ("acc", "macro_f1", "f1", "perplexity")
-SUMMARY_FIGURES = ("sparsity/requested", "sparsity/pruned_layers", "sparsity/after_merge", "params/trainable",
-                   "params/total", "params/trainable_fraction", "size/ratio", "latency/bs32/speedup",
-                   "fidelity/agreement", "train/examples_per_s", "train/peak_memory_mb", "wall_time_s")
-
-
-def summary_table(metrics: dict[str, Any]) -> str:
-    keys = [f"{stage}/{name}" for stage in ("val", "test") for name in SUMMARY_KEYS] + list(SUMMARY_FIGURES)
-    rows = [(k, metrics[k]) for k in keys if k in metrics]
-    rows.append(("run_dir", metrics["run_dir"]))
-    width = max(len(k) for k, _ in rows)
 class PostTrainingStages:
     """Runs the stages after training so that a failure in one (export, a measurement) loses nothing:
     before each stage `metrics.json` holds every figure measured so far and names the stage about to run;
@@ -262,6 +252,18 @@ class PostTrainingStages:
         self._write()
 
 
+# What the console table shows; metrics.json has every figure.
+SUMMARY_KEYS = ("acc", "macro_f1", "f1", "perplexity")
+SUMMARY_FIGURES = ("sparsity/requested", "sparsity/pruned_layers", "sparsity/after_merge", "params/trainable",
+                   "params/total", "params/trainable_fraction", "size/ratio", "latency/bs32/speedup",
+                   "fidelity/agreement", "train/examples_per_s", "train/peak_memory_mb", "wall_time_s")
+
+
+def summary_table(metrics: dict[str, Any]) -> str:
+    keys = [f"{stage}/{name}" for stage in ("val", "test") for name in SUMMARY_KEYS] + list(SUMMARY_FIGURES)
+    rows = [(k, metrics[k]) for k in keys if k in metrics]
+    rows.append(("run_dir", metrics["run_dir"]))
+    width = max(len(k) for k, _ in rows)
 
     def fmt(value: Any) -> str:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
