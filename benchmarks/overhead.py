@@ -7,7 +7,9 @@ the same batches, starting from the same weights. Runs are interleaved
 small machines drift by 15-20 % between identical runs; the ratio of medians
 is the figure to read.
 
-    python benchmarks/overhead.py --steps 40 --repeats 3
+    python benchmarks/overhead.py --steps 40 --repeats 3 [--threads 1] [OVERRIDES...]
+
+The llmk_lab side trains with the callbacks a run uses (progress bar, throughput, mask keeping).
 """
 from __future__ import annotations
 
@@ -38,31 +40,44 @@ from llmk_lab.tasks import get_task
 warnings.filterwarnings("ignore")
 
 
-def plain_loop(model, batches, module_for_optim) -> float:
+class Clock:
+    """Wall-clock and process CPU seconds of a block. On a machine shared with other work, wall time
+    measures the other work too; CPU seconds (with one thread, so no thread spins while waiting) measure
+    only this process's work, which is what the ratios are about."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def plain_loop(model, batches, module_for_optim) -> Clock:
     """The loop a researcher would write by hand: same optimiser groups and schedule as llmk_lab."""
     optim_cfg = module_for_optim.configure_optimizers()
     optimizer, scheduler = optim_cfg["optimizer"], optim_cfg["lr_scheduler"]["scheduler"]
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-    start = time.perf_counter()
-    for batch in batches:
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
+    with Clock() as clock:
+        for batch in batches:
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+    return clock
 
 
 class _LoopTimer(pl.Callback):
     """Time inside `fit` from the first to the last training step: the loop without trainer set-up."""
 
     def on_train_start(self, trainer, pl_module):
-        self.start = time.perf_counter()
+        self.clock = Clock().__enter__()
 
     def on_train_end(self, trainer, pl_module):
-        self.seconds = time.perf_counter() - self.start
+        self.clock.__exit__()
 
 
 class _FixedSteps:
@@ -72,17 +87,18 @@ class _FixedSteps:
         self.estimated_stepping_batches = steps
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-
+def compose_settings(overrides: list[str]):
     llmk_lab.register_all()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=["logger=none", "compression=none", "export.checkpoint=false",
-                                                       f"train.max_steps={args.steps}"])
-    p = plan(cfg)
+        return plan(compose(config_name="config", overrides=["logger=none", "export.checkpoint=false",
+                                                             *overrides]))
+
+
+def prepared(overrides: list[str], steps: int):
+    """The run's data, model (compressed before fit and adapted, as `run` does) and `steps` training batches."""
+    from llmk_lab.compression.masks import mask_lora_updates
+
+    p = compose_settings(overrides)
     s = p.settings
     pl.seed_everything(s.seed, verbose=False)
     raw = load_data(s.data)
@@ -92,45 +108,91 @@ def main() -> None:
     base, _ = load_model(s.model, task, tokenizer)
     ctx = RunContext(settings=s, run_dir=Path(tempfile.mkdtemp()), task=task, tokenizer=tokenizer, model=base,
                      datamodule=datamodule)
-    adapted = p.strategy.apply(base, ctx)
+    for method in p.methods:
+        method.before_fit(ctx)
+    adapted = p.strategy.apply(ctx.model, ctx)
+    mask_lora_updates(adapted)
+    ctx.model = adapted
+    batches = list(islice(iter(datamodule.train_dataloader()), steps))
+    return p, ctx, batches
+
+
+def run_callbacks(p, ctx) -> list:
+    """The callbacks a run trains with (throughput, progress bar, mask keeping, the method's and the
+    strategy's), so the framework is measured as users run it."""
+    from llmk_lab import console
+    from llmk_lab.compression.masks import MaskKeeper, masked_linears
+    from llmk_lab.module import ThroughputMonitor
+
+    callbacks = [ThroughputMonitor(), console.progress_bar(), *p.strategy.callbacks(ctx)]
+    if masked_linears(ctx.model):
+        callbacks.append(MaskKeeper(ctx.model))
+    for method in p.methods:
+        callbacks.extend(method.callbacks(ctx))
+    return callbacks
+
+
+def framework_vs_plain(overrides: list[str], steps: int, repeats: int, say=print) -> dict:
+    """Interleaved plain / llmk_lab repeats on the same batches from the same weights; medians and ratios."""
+    p, ctx, batches = prepared(overrides, steps)
+    s, task, adapted = p.settings, ctx.task, ctx.model
     initial = copy.deepcopy(adapted.state_dict())
-    batches = list(islice(iter(datamodule.train_dataloader()), args.steps))
     examples = sum(len(b["input_ids"]) for b in batches)
 
-    def run_plain() -> float:
+    def run_plain() -> Clock:
         adapted.load_state_dict(initial)
         module = TaskModule(adapted, task, s.train)
-        module.trainer = _FixedSteps(args.steps)  # type: ignore[assignment]
+        module.trainer = _FixedSteps(steps)  # type: ignore[assignment]
         return plain_loop(adapted, batches, module)
 
-    loop_seconds: list[float] = []
-
-    def run_lightning() -> float:
+    def run_lightning() -> Clock:
         adapted.load_state_dict(initial)
         module = TaskModule(adapted, task, s.train)
+        module.no_decay_names = p.strategy.no_decay_parameter_names(adapted)
         module.train()
         timer = _LoopTimer()
-        trainer = build_trainer(s, loggers=[], callbacks=[timer], run_dir=ctx.run_dir)
-        start = time.perf_counter()
+        trainer = build_trainer(s, loggers=[], callbacks=[timer, *run_callbacks(p, ctx)], run_dir=ctx.run_dir)
         # batch_size=None: the loader hands over the prepared batches as they are.
         trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
-        loop_seconds.append(timer.seconds)
-        return time.perf_counter() - start
+        return timer.clock
 
     run_plain()  # warm-up (allocator, kernels)
-    times = {"plain": [], "llmk_lab": []}
-    for _ in range(args.repeats):
-        times["plain"].append(run_plain())
-        times["llmk_lab"].append(run_lightning())
-    rate = {k: examples / statistics.median(v) for k, v in times.items()}
-    print(f"steps={args.steps} batch_size={s.train.batch_size} examples/run={examples} repeats={args.repeats} "
-          f"threads={torch.get_num_threads()}")
-    for name, values in times.items():
-        print(f"{name:9} examples/s median {rate[name]:7.2f}  (runs: {', '.join(f'{examples / t:.2f}' for t in values)})")
-    loop_rate = examples / statistics.median(loop_seconds)
-    print(f"llmk_lab training loop only (trainer set-up excluded): examples/s median {loop_rate:7.2f}")
-    print(f"ratio llmk_lab / plain: {rate['llmk_lab'] / rate['plain']:.3f} end to end, "
-          f"{loop_rate / rate['plain']:.3f} for the training loop")
+    clocks: dict[str, list[Clock]] = {"plain": [], "llmk_lab": []}
+    for r in range(repeats):
+        for name in (("plain", "llmk_lab") if r % 2 == 0 else ("llmk_lab", "plain")):
+            clocks[name].append(run_plain() if name == "plain" else run_lightning())
+    figures = {"examples": examples, "steps": steps}
+    for name, runs in clocks.items():
+        for kind in ("wall", "cpu"):
+            figures[f"{name}_{kind}_s"] = statistics.median(getattr(c, kind) for c in runs)
+            figures[f"{name}_{kind}_runs"] = [getattr(c, kind) for c in runs]
+    for kind in ("wall", "cpu"):
+        figures[f"ratio_{kind}"] = figures[f"plain_{kind}_s"] / figures[f"llmk_lab_{kind}_s"]
+    return figures
+
+
+def report(figures: dict, say=print) -> None:
+    n = figures["examples"]
+    for name in ("plain", "llmk_lab"):
+        say(f"  {name:9} examples/s median {n / figures[f'{name}_wall_s']:7.2f} wall, "
+            f"{n / figures[f'{name}_cpu_s']:7.2f} per CPU second "
+            f"(wall runs: {', '.join(f'{n / t:.2f}' for t in figures[f'{name}_wall_runs'])})")
+    say(f"  framework / plain loop throughput: {figures['ratio_wall']:.3f} wall, {figures['ratio_cpu']:.3f} CPU")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("overrides", nargs="*", help="config overrides (default: compression=none)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    figures = framework_vs_plain(args.overrides or ["compression=none"], args.steps, args.repeats)
+    print(f"steps={args.steps} examples/run={figures['examples']} repeats={args.repeats} "
+          f"threads={torch.get_num_threads()} overrides={args.overrides or ['compression=none']}")
+    report(figures)
 
 
 if __name__ == "__main__":
