@@ -73,6 +73,7 @@ def test_onnx_export_gives_the_runs_labels(pruned_lora_run):
     path = export.export_onnx(pruned_lora_run)
     figures = export.check_onnx(pruned_lora_run)
     assert path.exists() and figures["agreement"] == 1.0 and figures["max_abs_diff"] < 1e-3
+    assert figures["unpadded_agreement"] == 1.0 and figures["unpadded_max_abs_diff"] < 1e-3
     assert (path.parent / "tokenizer.json").exists() or (path.parent / "vocab.txt").exists()
 
 
