@@ -373,8 +373,10 @@ def test_a_multirun_of_ddp_jobs_runs_each_job_once(tmp_path):
     for job in jobs:
         metrics = (tmp_path / "sweep" / job / "metrics.json")
         assert metrics.exists() and (tmp_path / "sweep" / job / "rank_1.log").exists()
-    # Lightning's own launcher would have re-run the whole sweep in each extra process: more sweeps,
-    # more job directories, and every job's log would show it starting more than once.
+    # Lightning's own launcher re-runs the command line, `-m` included, in each extra process: that
+    # process would launch the sweep again (its console is this one's).
+    console = out.stdout + out.stderr
+    assert console.count("Launching 2 jobs locally") == 1, console[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch", "sweep"]
     for job in jobs:
         assert (tmp_path / "sweep" / job / "llmk_lab.log").read_text().count("starting rank 1") == 1
