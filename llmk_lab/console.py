@@ -101,13 +101,18 @@ def progress_bar():
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             total = self.total_train_batches
-            if not isinstance(total, int) or total < 10:
+            if not isinstance(total, int):
+                return
+            if trainer.max_steps and trainer.max_steps > 0:  # a step budget ends the epoch early
+                total = min(total, trainer.max_steps * trainer.accumulate_grad_batches)
+            if total < 10:
                 return
             step = max(1, total // 10)
             if (batch_idx + 1) % step == 0 and batch_idx + 1 < total:
-                rate = (batch_idx + 1) / max(time.perf_counter() - self._started, 1e-9)
+                seconds = (time.perf_counter() - self._started) / (batch_idx + 1)
+                pace = f"{1 / seconds:.1f} batches/s" if seconds < 1 else f"{seconds:.1f} s/batch"
                 self._say(f"{_epoch_text(trainer, trainer.current_epoch)}: {batch_idx + 1}/{total} batches, "
-                          f"{rate:.1f} batches/s, {self._loss(trainer, pl_module)}")
+                          f"{pace}, {self._loss(trainer, pl_module)}")
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             seconds = time.perf_counter() - self._started

@@ -165,3 +165,26 @@ def test_an_experiment_without_its_prerequisite_says_which_to_run_first(tmp_path
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "python -m llmk_lab +experiment=mlm_domain_pretrain`: run that first" in lines[0]
     assert not (tmp_path / "outputs").exists()  # nor an empty outputs/ or date folder
+
+
+def test_plain_progress_lines_follow_the_step_budget(capsys):
+    """Not on a terminal: about ten lines an epoch, counting to the step budget, and a closing line."""
+    from types import SimpleNamespace
+
+    from llmk_lab.console import progress_bar
+
+    bar = progress_bar()  # stderr is captured here: the plain-text kind
+    trainer = SimpleNamespace(max_epochs=1, max_steps=30, accumulate_grad_batches=1, current_epoch=0,
+                              is_global_zero=True, num_training_batches=188, progress_bar_metrics={"train/loss": 0.5},
+                              sanity_checking=False)
+    bar._trainer = trainer
+    type(bar).total_train_batches = property(lambda self: 188)
+    bar.get_metrics = lambda trainer, module: {"train/loss": 0.5, "v_num": "houn"}
+    bar.on_train_epoch_start(trainer, None)
+    for i in range(30):
+        bar.on_train_batch_end(trainer, None, None, None, i)
+    bar.on_train_epoch_end(trainer, None)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("Epoch 1/1: 3/30 batches,") and "train/loss 0.5" in lines[0]
+    assert len(lines) == 10 and lines[-1].startswith("Epoch 1/1 done in")
+    assert not any("v_num" in line or "houn" in line for line in lines)
