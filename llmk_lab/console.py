@@ -42,7 +42,10 @@ def quiet_libraries() -> None:
     or about to be (every caller loads a model next)."""
     for pattern in NOISE:
         warnings.filterwarnings("ignore", message=pattern)
-    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric", "lightning.pytorch.utilities.rank_zero"):
+    # rank_zero: "GPU available: False" and tips; checkpoint_connector: "`weights_only` was not set" on every
+    # restore of the run's own checkpoint (ours, so trusted).
+    for name in ("pytorch_lightning.utilities.rank_zero", "lightning_fabric", "lightning.pytorch.utilities.rank_zero",
+                 "pytorch_lightning.trainer.connectors.checkpoint_connector"):
         logging.getLogger(name).setLevel(logging.WARNING)
     try:
         from transformers.utils import logging as hf_logging

@@ -86,7 +86,7 @@ def test_a_run_says_each_thing_once_in_plain_text(tmp_path):
     """A real checkpoint with a new head, W&B offline, output to a pipe: no ANSI codes, no library bars or
     repeated reports, epochs counted from 1, no logger version id."""
     result = run_cli(["model=minilm", "compression=none", "logger=wandb", "data.limit_train=48", "data.limit_eval=16",
-                      "data.max_length=16", "export.checkpoint=false", "export.model=false",
+                      "data.max_length=16", "export.model=false",
                       "measure.latency_batch_sizes=[]"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout + result.stderr
