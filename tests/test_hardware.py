@@ -304,6 +304,30 @@ def test_only_rank_zero_writes_the_run_dir(tmp_path, monkeypatch):
     assert hardware.is_rank_zero()
 
 
+def test_the_other_processes_of_a_sweep_job_run_that_job_alone():
+    """Their command is one run of this job's overrides: no `-m`, no sweep values, no tracking."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from llmk_lab import hardware
+    from llmk_lab.cli import config_dir
+
+    job = ["compression.sparsity=0.5", "logger=wandb", "hardware.strategy=ddp", "hardware.devices=2"]
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=job, return_hydra_config=True)
+    cfg.hydra.overrides.task = job  # what Hydra puts there for the job
+    cfg.hydra.runtime.output_dir = "/sweeps/it's/3"
+    cfg.hydra.job.config_name = "config"
+    HydraConfig.instance().set_config(cfg)
+    try:
+        command = hardware.child_command(1)
+    finally:
+        HydraConfig.instance().cfg = None
+    assert command[1:5] == ["-m", "llmk_lab", "--config-name", "config"] and "-m" not in command[2:]
+    assert command[5:8] == job[:1] + job[2:] and "logger=wandb" not in command and "logger=none" in command
+    assert "hydra.run.dir='/sweeps/it\\'s/3'" in command and "hydra.output_subdir=null" in command
+
+
 # ------------------------------------------------------------------ DDP on 2 CPU processes (gloo)
 
 # One optimiser step per epoch over all 16 training examples and no dropout: one process with batch 16
