@@ -105,6 +105,9 @@ def check_available(hw) -> None:
     if on_cpu and str(hw.precision).startswith("16"):
         raise UserError(f"hardware.precision={hw.precision!r} needs a GPU (float16 on CPU is not supported by "
                         "Lightning); on CPU use 32-true or bf16-mixed")
+    if on_cpu and not (hw.devices == "auto" or (isinstance(hw.devices, int) and hw.devices >= 1)):
+        raise UserError(f"hardware.devices={hw.devices!r} on CPU: give the number of processes (an integer >= 1, "
+                        "e.g. 2 with hardware.strategy=ddp); -1 and GPU index lists are for GPUs")
     if hw.strategy == "fsdp" and on_cpu:
         raise UserError("hardware.strategy='fsdp' needs CUDA GPUs (Lightning's FSDP runs on GPUs); on CPU use "
                         "hardware.strategy=ddp")

@@ -182,7 +182,8 @@ def test_bad_hardware_values_name_the_key(override, key):
 @pytest.mark.parametrize("override, says", [("hardware=gpu", "no CUDA GPU is visible"),
                                             ("hardware=multi_gpu", "no CUDA GPU is visible"),
                                             ("hardware.precision=16-mixed", "needs a GPU"),
-                                            ("hardware.strategy=fsdp", "needs CUDA GPUs")])
+                                            ("hardware.strategy=fsdp", "needs CUDA GPUs"),
+                                            ("hardware.devices=-1", "on CPU: give the number of processes")])
 def test_hardware_that_is_not_there_is_one_line(override, says):
     from llmk_lab import hardware
     from llmk_lab.errors import UserError
