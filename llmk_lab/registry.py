@@ -272,6 +272,20 @@ def check_values_lightly(cfg: Any) -> None:
             if schema is not None:  # an unknown name is for `plan` to refuse, with the list of names
                 with _stand_ins():
                     to_settings(schema, node, field.name)
+                    _check_nested_options(node, field.name)
+
+
+def _check_nested_options(node: dict, path: str) -> None:
+    """Options listed inside an option (a chain's `steps`): each item naming a known option is checked too."""
+    group = path.split(".")[0]
+    for key, value in node.items():
+        if not isinstance(value, list):
+            continue
+        for i, item in enumerate(value):
+            schema = _light_schemas[group].get(item.get("method")) if isinstance(item, dict) else None
+            if schema is not None:
+                to_settings(schema, item, f"{path}.{key}[{i}]")
+                _check_nested_options(item, f"{path}.{key}[{i}]")
 
 
 class _stand_ins:

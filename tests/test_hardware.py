@@ -136,13 +136,18 @@ def test_bad_values_are_refused_by_the_light_check_with_the_full_key():
 
     check_values_lightly(compose_config([]))
     for override, key in (("compression.sparsity=1.5", "compression.sparsity=1.5"), ("peft.r=0", "peft.r=0"),
-                          ("train.lr=-1", "train.lr=-1"), ("compression=wanda", None)):
+                          ("train.lr=-1", "train.lr=-1"), ("compression=wanda", None),
+                          ("compression=chain", None)):
         cfg = compose_config([override])
         if key is None:
             check_values_lightly(cfg)
             continue
         with pytest.raises(UserError, match=key.replace(".", r"\.")):
             check_values_lightly(cfg)
+    cfg = compose_config(["compression=chain", "+compression.steps=[{method: dynamic_int8}, "
+                          "{method: magnitude, sparsity: 2.0}]"])
+    with pytest.raises(UserError, match=r"compression\.steps\[1\]\.sparsity=2\.0"):
+        check_values_lightly(cfg)
 
 
 # ------------------------------------------------------------------ hardware settings
