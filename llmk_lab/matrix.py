@@ -414,9 +414,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--task", action="append", choices=list(TASKS), help="only this task (repeatable)")
     args = parser.parse_args(argv)
     if args.write_readme:
+        table = markdown()  # first: it takes a while, and the README may change meanwhile
         text = args.write_readme.read_text()
         start, end = text.index(README_BEGIN) + len(README_BEGIN), text.index(README_END)
-        args.write_readme.write_text(text[:start] + "\n" + markdown() + text[end:])
+        args.write_readme.write_text(text[:start] + "\n" + table + text[end:])
     if args.markdown:
         sys.stdout.write(markdown())
     if args.run:

@@ -67,6 +67,14 @@ class LowRank(CompressionMethod):
                              "from_pretrained would rebuild dense random layers in their place; use "
                              "export.checkpoint=true")
 
+    def refusal_with(self, strategy):
+        # With explicit peft.target_modules (e.g. the factors, `...query.0`) the strategy does not look for roles.
+        if strategy.finds_layers_by_role and getattr(strategy.settings, "target_modules", None) is None:
+            return ("it replaces the block linears that this strategy finds by their roles (to adapt them, or to "
+                    "find the blocks) with pairs of factors; set peft.target_modules to the factor layers, use "
+                    "peft=full, bitfit, prompt or prefix, or compress with another method")
+        return None
+
     @torch.no_grad()
     def before_fit(self, ctx) -> None:
         s = self.settings

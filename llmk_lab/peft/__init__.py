@@ -23,6 +23,9 @@ class PeftStrategy:
     # Which of the model's own (pretrained) weights train: "all", "some" (chosen by a setting), or "none".
     # Methods that prune while weights train need "all" (or targets among "some"); plan() checks.
     trains_base_weights: str = "none"
+    # Whether the strategy finds its layers by their roles in a transformer block (q/k/v/o, feed-forward):
+    # compression that replaces those layers by something else (low_rank's factor pairs) leaves it none.
+    finds_layers_by_role: bool = False
 
     def __init__(self, settings: Any):
         self.settings = settings

@@ -101,6 +101,7 @@ def norm_parameter_names(model: nn.Module) -> list[str]:
 @PEFT.register("adapter", config=AdapterConfig)
 class BottleneckAdapters(PeftStrategy):
     mergeable = False
+    finds_layers_by_role = True
 
     def apply(self, model, ctx):
         sites = insert_adapters(model, self.settings)

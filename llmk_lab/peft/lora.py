@@ -53,6 +53,7 @@ def wrap(model, config, key: str = "peft.target_modules"):
 
 
 class PeftLibraryStrategy(PeftStrategy):
+    finds_layers_by_role = True  # LoRA, AdaLoRA and IA3 adapt the block linears (prefix/prompt say otherwise)
     """A strategy whose model is a peft `PeftModel`: saved with `save_pretrained`, merged by peft."""
 
     def save_adapter(self, model, directory):

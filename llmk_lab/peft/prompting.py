@@ -67,6 +67,7 @@ def wrap_and_try(model, config, ctx, method: str):
 
 class VirtualTokens(PeftLibraryStrategy):
     mergeable = False
+    finds_layers_by_role = False  # virtual tokens enter through the embeddings and the attention cache
 
     def no_decay_parameter_names(self, model):
         # Virtual tokens are embeddings (and, with prefix_projection, the MLP that produces them): decaying

@@ -33,6 +33,7 @@ class TopLayersConfig:
 @PEFT.register("top_layers", config=TopLayersConfig)
 class TopLayers(SubsetStrategy):
     trains_base_weights = "some"
+    finds_layers_by_role = True  # the block list, checked against the family's block roles
 
     def apply(self, model, ctx):
         layers = transformer_layers(model)
