@@ -281,6 +281,12 @@ def strategy(hw):
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
+        external = any(key in os.environ for key in ("LOCAL_RANK", "RANK", "SLURM_NTASKS", "JSM_NAMESPACE_RANK"))
+        if processes_per_job(hw) > 1 and not external:
+            # Lightning would start the other processes by re-running this program's command line (a
+            # notebook's kernel, pytest, ...), each then doing whatever that command does.
+            raise UserError(f"hardware.strategy={name!r} with {processes_per_job(hw)} processes needs the "
+                            "command line (`python -m llmk_lab ...`) or a launcher such as torchrun or srun")
         return name
     from pytorch_lightning.strategies import DDPStrategy, FSDPStrategy
 

@@ -310,6 +310,18 @@ def test_only_rank_zero_writes_the_run_dir(tmp_path, monkeypatch):
     assert hardware.is_rank_zero()
 
 
+def test_ddp_outside_the_command_line_is_refused_not_relaunched(tmp_path, monkeypatch):
+    """In-process (a notebook, pytest) Lightning would re-run this program's argv in each extra process."""
+    from llmk_lab.errors import UserError
+    from llmk_lab.run import build_trainer
+
+    for key in ("LOCAL_RANK", "RANK", "SLURM_NTASKS", "JSM_NAMESPACE_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    settings = _settings(["hardware.strategy=ddp", "hardware.devices=2"])
+    with pytest.raises(UserError, match="needs the command line"):
+        build_trainer(settings, [], [], tmp_path)
+
+
 def test_the_other_processes_of_a_sweep_job_run_that_job_alone():
     """Their command is one run of this job's overrides: no `-m`, no sweep values, no tracking."""
     from hydra import compose, initialize_config_dir
