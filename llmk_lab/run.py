@@ -361,7 +361,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
             metrics.update({f"params/{k}": v for k, v in params.items()})
         with stages.stage("sparsity"):
             metrics.update(measure_sparsity(ctx, p.strategy, p.methods))
-        if ctx.dense_model is not None and trainer.is_global_zero:  # rank zero measures for a distributed run
+        if ctx.dense_model is not None:
             with stages.stage("compression_figures"):
                 metrics.update(compression_figures(ctx, p.strategy,
                                                    reference_measures(ctx, model_info, settings.measure)))
