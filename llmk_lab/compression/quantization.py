@@ -41,13 +41,16 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def quantizable_linears(model: nn.Module, target_modules: Optional[Any], key: str) -> dict[str, nn.Linear]:
-    """Targeted linears; null targets every nn.Linear but LoRA's factors (merged away first) and a head that
-    a PEFT wrapper trains and saves with the adapter (kept float so the adapter export stays plain tensors)."""
+    """Targeted linears; null targets every nn.Linear but LoRA's factors (merged away first), a head that
+    a PEFT wrapper trains and saves with the adapter (kept float so the adapter export stays plain tensors),
+    and an output layer tied to the input embeddings (an int8 copy would store the embeddings twice)."""
     if target_modules is not None:
         return target_linears(model, target_modules, key)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = getattr(embeddings, "weight", None)
     found = {name: m for name, m in model.named_modules()
-             if type(m) is nn.Linear and not any(part in name for part in (".lora_", "modules_to_save",
-                                                                            "original_module"))}
+             if type(m) is nn.Linear and m.weight is not tied
+             and not any(part in name for part in (".lora_", "modules_to_save", "original_module"))}
     if not found:
         raise UserError(f"{key}=null: the model has no linear layer to quantise")
     return found
