@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import enum
 import os
 import sys
 import typing
@@ -123,9 +124,8 @@ def _type_text(annotation: Any) -> str:
     names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
     if annotation in names:
         return names[annotation]
-    if isinstance(annotation, type) and annotation.__module__ != "builtins":
-        if issubclass(annotation, __import__("enum").Enum):
-            return f"one of {[m.name for m in annotation]}"
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return f"one of {[m.name for m in annotation]}"
     return "a value of type " + getattr(annotation, "__name__", str(annotation))
 
 

@@ -156,14 +156,14 @@ def task_info(task, data_cfg, extra: Optional[dict] = None) -> dict[str, Any]:
 
 def _not_exportable(model) -> Optional[str]:
     """Why `from_pretrained` could not rebuild this model, or None."""
+    import torch
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
         return f"the final model is a {type(model).__name__}, not a transformers model (an adapter that is not merged)"
     for name, module in model.named_modules():
-        if hasattr(module, "_packed_params") or any(
-                type(p) not in (__import__("torch").Tensor, __import__("torch").nn.Parameter)
-                for p in module.parameters(recurse=False)):
+        if hasattr(module, "_packed_params") or any(type(p) not in (torch.Tensor, torch.nn.Parameter)
+                                                    for p in module.parameters(recurse=False)):
             return f"{name} holds quantised weights, which save_pretrained/from_pretrained do not round-trip"
     return None
 
