@@ -93,6 +93,14 @@ def _schema_keys(node_type: Any, parent: Any) -> Optional[list[str]]:
     return None
 
 
+def closest_key_hint(full_key: str, keys: list[str]) -> str:
+    """`no such key in train (keys: [...]); did you mean train.lr?` for a key the schema lacks."""
+    parent_key, _, key = full_key.rpartition(".")
+    guess = _did_you_mean(key, keys)
+    hint = f"; did you mean {parent_key + '.' if parent_key else ''}{guess}?" if guess else ""
+    return f"no such key in {parent_key or 'the top level'} (keys: {_choices_text(keys)}){hint}"
+
+
 def unknown_key_line(cause: Any) -> str:
     """`train.lrr=0.1`: the key is not in the node's schema."""
     full_key = str(cause.full_key)
@@ -102,10 +110,7 @@ def unknown_key_line(cause: Any) -> str:
         return (f"{full_key}: {parent_key or 'the config'} has no key {key!r}; "
                 f"{parent_key} takes any key: add one with +{full_key}=VALUE")
     keys = _schema_keys(cause.object_type, getattr(cause, "parent_node", None)) or []
-    guess = _did_you_mean(key, keys)
-    where = parent_key or "the top level"
-    hint = f"; did you mean {parent_key + '.' if parent_key else ''}{guess}?" if guess else ""
-    return f"{full_key}: no such key in {where} (keys: {_choices_text(keys)}){hint}"
+    return f"{full_key}: {closest_key_hint(full_key, keys)}"
 
 
 def _type_text(annotation: Any) -> str:

@@ -88,6 +88,10 @@ def to_settings(schema: type, node: Any, path: str) -> Any:
     except OmegaConfBaseException as err:
         key = f"{path}.{err.full_key}" if getattr(err, "full_key", None) else path
         msg = str(err).splitlines()[0]
+        if "not in" in msg and dataclasses.is_dataclass(schema):  # `+train.lrr=...`: name the closest key
+            from llmk_lab.config_errors import closest_key_hint
+
+            msg = closest_key_hint(key, [f.name for f in dataclasses.fields(schema)])
         raise UserError(f"{key}: {msg}") from None
 
 

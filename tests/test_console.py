@@ -188,3 +188,12 @@ def test_plain_progress_lines_follow_the_step_budget(capsys):
     assert lines[0].startswith("Epoch 1/1: 3/30 batches,") and "train/loss 0.5" in lines[0]
     assert len(lines) == 10 and lines[-1].startswith("Epoch 1/1 done in")
     assert not any("v_num" in line or "houn" in line for line in lines)
+
+
+def test_an_added_unknown_key_names_the_closest_one_too():
+    from llmk_lab.errors import UserError
+    from llmk_lab.run import plan
+    from tests.conftest import compose_config
+
+    with pytest.raises(UserError, match=r"train\.lrr: no such key in train .*did you mean train\.lr\?"):
+        plan(compose_config(["+train.lrr=0.1"]))
