@@ -57,3 +57,15 @@ def test_no_import_circles_between_report_and_sweep_nor_assets_and_models():
             "import llmk_lab.assets; assert 'llmk_lab.models' not in sys.modules, 'assets imports models'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-1000:]
+
+
+def test_a_job_that_failed_after_training_is_a_failure_not_a_result(tmp_path):
+    from llmk_lab.report.collection import collect_jobs
+
+    sweep_dir = wandb_sweep(tmp_path)
+    # What run.py leaves when a stage after training raises: the figures so far, and the stage that failed.
+    (sweep_dir / "1" / "metrics.json").write_text(json.dumps({"val/acc": 0.9, "failed_stage": "export",
+                                                              "error": "OSError: disk full"}))
+    jobs = {job.name: job for job in collect_jobs(sweep_dir)}
+    assert jobs["0"].metrics and jobs["0"].failure is None
+    assert jobs["1"].metrics is None and "export" in jobs["1"].failure["error"]

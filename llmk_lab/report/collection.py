@@ -59,6 +59,11 @@ def collect_jobs(sweep_dir: Path) -> list[Job]:
             continue  # plots/, wandb/ and other folders that are not jobs
         metrics = read_json(run_dir / "metrics.json")
         failure = None if metrics else read_json(run_dir / "failed.json")
+        if metrics and metrics.get("failed_stage"):
+            # A run that failed after training keeps what it measured, but it is not a result.
+            failure = {"error": f"stage {metrics['failed_stage']!r}: {metrics.get('error', '')}",
+                       "type": "FailedStage", **(read_json(run_dir / "failed.json") or {})}
+            metrics = None
         jobs.append(Job(run_dir.name, run_dir, _job_overrides(run_dir), metrics, failure))
     return jobs
 
