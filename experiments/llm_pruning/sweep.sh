@@ -4,12 +4,12 @@
 #   nice -n 19 bash experiments/llm_pruning/sweep.sh            # SWEEP=<dir> to choose the directory
 # Several commands rather than one grid because Hydra sweeps are cartesian products: the N:M pairs
 # (2:4, 4:8) and the unstructured sparsities are not a product, and only the calibrated methods have
-# `calibration_examples`; a multirun's base config is composed without its sweeps, so each method is its own
-# command. Ordered so that the 50 % comparison lands first. Rerunning skips finished jobs
+# `n_calibration`; a multirun's base config is composed without its sweeps, so each method is its own
+# command. Ordered by cost within each question: the 50 % comparison first, then N:M. Rerunning skips finished jobs
 # (sweep.resume=true), so an interrupted study continues where it stopped.
 set -euo pipefail
 SWEEP=${SWEEP:-outputs/llm_pruning}
-calibration=(compression.calibration_examples=16)
+calibration=(compression.n_calibration=16)
 
 sweep() {  # sweep NAME OVERRIDES...: jobs land in $SWEEP/NAME_<job number>
     local name=$1
@@ -24,11 +24,15 @@ sweep magnitude compression=magnitude compression.sparsity=0.5
 sweep wanda compression=wanda "${calibration[@]}" compression.sparsity=0.5
 sweep sparsegpt compression=sparsegpt "${calibration[@]}" compression.sparsity=0.5
 sweep magnitude_2of4 compression=magnitude $(n_m 2 4)
+# SparseGPT 50 % again with 8 calibration windows per forward pass (the preset's default is the
+# evaluation batch, 4): does the batching alone move SparseGPT's result? (README, "side script")
+sweep sparsegpt_calbatch8 compression=sparsegpt "${calibration[@]}" compression.sparsity=0.5 \
+    compression.calibration_batch_size=8
 sweep magnitude_4of8 compression=magnitude $(n_m 4 8)
 sweep wanda_2of4 compression=wanda "${calibration[@]}" $(n_m 2 4)
-sweep sparsegpt_2of4 compression=sparsegpt "${calibration[@]}" $(n_m 2 4)
-sweep magnitude_3070 compression=magnitude compression.sparsity=0.3,0.7
 sweep wanda_4of8 compression=wanda "${calibration[@]}" $(n_m 4 8)
+sweep sparsegpt_2of4 compression=sparsegpt "${calibration[@]}" $(n_m 2 4)
 sweep sparsegpt_4of8 compression=sparsegpt "${calibration[@]}" $(n_m 4 8)
+sweep magnitude_3070 compression=magnitude compression.sparsity=0.3,0.7
 sweep wanda_3070 compression=wanda "${calibration[@]}" compression.sparsity=0.3,0.7
 sweep sparsegpt_3070 compression=sparsegpt "${calibration[@]}" compression.sparsity=0.3,0.7
