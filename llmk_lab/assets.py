@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
-import io
 import json
 import logging
 import os

@@ -195,8 +195,10 @@ def install() -> None:
         except Exception as err:  # noqa: BLE001  (re-raised below unless it is a config mistake)
             line = None if os.environ.get("HYDRA_FULL_ERROR") else config_error_line(err)
             if line is None:
+                error = err  # `err` is unbound once the except block ends; the closure keeps its own name
+
                 def again():
-                    raise err
+                    raise error
                 return original(again)
             _remove_empty_output_folders(Path("outputs"), started)
             print(f"error: {line}", file=sys.stderr)

@@ -313,6 +313,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
 
     # 6. fit
     ctx.module = TaskModule(ctx.model, task, settings.train)
+    ctx.module.no_decay_names = p.strategy.no_decay_parameter_names(ctx.model)
     throughput = ThroughputMonitor()
     callbacks = [throughput, console.progress_bar(), *p.strategy.callbacks(ctx)]
     if masked_linears(ctx.model):
@@ -324,7 +325,6 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     loggers = tracking.build_loggers(settings.logger, run_dir, run_name, group,
                                      OmegaConf.to_container(cfg, resolve=True))
     failed = True
-    ctx.module.no_decay_names = p.strategy.no_decay_parameter_names(ctx.model)
     try:
         trainer = build_trainer(settings, loggers, callbacks, run_dir)
         # Pretrained models load in eval mode; Lightning keeps each submodule's

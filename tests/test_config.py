@@ -1,5 +1,4 @@
 """The config composes, every experiment composes, and schema errors name the key."""
-from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException, HydraException

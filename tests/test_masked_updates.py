@@ -130,8 +130,8 @@ def test_mask_keeper_leaves_frozen_weights_alone_and_masks_trained_ones():
     assert not model.lin.weight[~getattr(model.lin, MASK)].any()
 
 
-@pytest.mark.parametrize("extra", [["peft=lora"], ["peft=lora", "peft.use_dora=true"], ["peft=lora", "peft.dropout=0"]],
-                         ids=["lora", "dora", "lora_no_dropout"])
+@pytest.mark.parametrize("extra", [["peft=lora"], ["peft=lora", "peft.use_dora=true"], ["peft=lora", "peft.dropout=0.1"]],
+                         ids=["lora", "dora", "lora_dropout"])
 def test_pruned_run_merges_to_an_equally_sparse_model_that_predicts_the_same(tmp_path, tiny, extra):
     metrics = run_config(tiny + ["data.limit_train=32", "train.batch_size=8", "compression=magnitude",
                                  "compression.sparsity=0.6", "export.merged=true", *extra], tmp_path)

@@ -3,7 +3,6 @@ it found (each fails with the defect back in place)."""
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from types import SimpleNamespace
 

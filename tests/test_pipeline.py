@@ -2,10 +2,8 @@
 import json
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from llmk_lab.compression.masks import MASK
 from tests.conftest import read_metrics, run_config
 
 
@@ -37,8 +35,6 @@ def test_magnitude_pruning_reaches_the_requested_sparsity_and_survives_lora_merg
 
 
 def test_lora_trains_only_adapters_and_head(tmp_path, tiny):
-    from tests.conftest import compose_config
-    from llmk_lab.run import run
 
     metrics = run_config(tiny, tmp_path)
     # LoRA r=8 on 2 layers x 6 linears of a 32-wide BERT (intermediate 64):

@@ -8,7 +8,6 @@ import sys
 import warnings
 
 import pytest
-import torch
 
 from llmk_lab import export
 from llmk_lab.data import load_data

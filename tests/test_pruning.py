@@ -228,7 +228,7 @@ def test_n_m_on_a_dimension_not_divisible_by_m_is_refused_before_pruning(method)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=36, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=3, num_key_value_heads=1))
     before = model.model.layers[0].self_attn.q_proj.weight.clone()
-    pruner = COMPRESSION.build({"method": method, "prune_n": 4, "prune_m": 8}, "compression")
+    pruner = COMPRESSION.build({"method": method, "sparsity": 0.5, "prune_n": 4, "prune_m": 8}, "compression")
     with pytest.raises(UserError, match=r"compression.prune_m=8 is not allowed: layer model.layers.0.self_attn.q_proj "
                                         r"has 36 input features, not divisible by 8"):
         pruner.layers(model)

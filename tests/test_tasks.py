@@ -201,7 +201,7 @@ def test_masked_lm_evaluation_masks_are_fixed_and_training_masks_are_fresh(token
     once = task.tokenize_split(tokenizer, examples, settings.data, "test")
     twice = task.tokenize_split(tokenizer, examples, settings.data, "test")
     assert once == twice
-    masked = sum(l != -100 for e in once for l in e["labels"])
+    masked = sum(label != -100 for e in once for label in e["labels"])
     assert 0.15 < masked / sum(len(e["labels"]) for e in once) < 0.45
     collate = task.collator(tokenizer)
     train = task.tokenize_split(tokenizer, examples, settings.data, "train")

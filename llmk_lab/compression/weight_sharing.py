@@ -20,7 +20,6 @@ keeps the shared base.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn

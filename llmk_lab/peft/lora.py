@@ -23,7 +23,7 @@ class LoraConfig:
     r: int = 8
     # Scaling numerator: the update is scaled by alpha / r (alpha / sqrt(r) with rsLoRA).
     alpha: float = 16.0
-    dropout: float = 0.1
+    dropout: float = 0.0
     # Regex over module names or a list of name suffixes (null: every linear
     # layer inside the transformer blocks, attention and feed-forward, and BERT's pooler).
     target_modules: Optional[Any] = None

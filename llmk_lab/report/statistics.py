@@ -9,7 +9,7 @@ from llmk_lab.report.collection import Job
 
 # Training telemetry (time, throughput, memory of the training process) varies
 # from run to run and machine to machine; the report is about results and cost.
-SKIPPED_PREFIXES = ("train/", "data/")
+SKIPPED_PREFIXES = ("train/", "data/", "time/")
 SKIPPED_KEYS = ("wall_time_s", "config_hash")
 
 

@@ -21,7 +21,6 @@ that save every trained tensor.
 from __future__ import annotations
 
 import re
-from typing import Any
 
 import torch
 import torch.nn.functional as F
