@@ -6,7 +6,7 @@
   `Int8DynamicActivationInt8WeightConfig`. torch_ao is the default because it
   is the one that is faster on CPU: on this project's 2-core CPU it ran MiniLM
   at 1.5-2.2x fp32 speed, torchao 0.18 at 0.63-0.80x (its kernels target GPUs;
-  see shared/PROTOCOLS.md and experiments/int8_minilm).
+  measured side by side in one process, 2026-11-23; see experiments/int8_minilm).
 - `weight_only_int8`: torchao's `Int8WeightOnlyConfig` (int8 weights, float
   activations): a 4x smaller linear layer, no activation quantisation error.
 
