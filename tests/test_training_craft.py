@@ -156,7 +156,7 @@ def test_adaptive_weight_decay_and_dropout_in_a_run_log_the_effective_decay(tmp_
     from torch import nn
 
     seen = _capture_optimizer(monkeypatch)
-    metrics = run_config(tiny + STEPS + ["train.adaptive_weight_decay=0.5", "train.dropout=0.3"], tmp_path)
+    metrics = run_config(tiny + STEPS + ["train.adaptive_weight_decay=0.5", "train.dropout=0.3", "peft.dropout=0.1"], tmp_path)
     groups = seen["optimizer"].param_groups
     adaptive = [g for g in groups if g.get("adaptive_weight_decay")]
     assert adaptive and all(g["weight_decay"] == 0 for g in groups)  # the fixed decay is replaced, not added
@@ -168,7 +168,7 @@ def test_adaptive_weight_decay_and_dropout_in_a_run_log_the_effective_decay(tmp_
     assert len(set(logged)) > 1  # it adapts step by step
     dropouts = {n: m.p for n, m in seen["model"].named_modules() if isinstance(m, nn.Dropout)}
     assert {p for n, p in dropouts.items() if "lora_dropout" not in n} == {0.3}
-    assert any("lora_dropout" in n and p != 0.3 for n, p in dropouts.items())  # peft.lora_dropout is its own knob
+    assert any("lora_dropout" in n and p == 0.1 for n, p in dropouts.items())  # peft.lora_dropout is its own knob
 
 
 def test_label_smoothing_changes_the_training_loss_by_its_formula():
