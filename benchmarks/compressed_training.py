@@ -72,14 +72,7 @@ def throughput(overrides: list[str], steps: int, repeats: int) -> dict:
         for name in (order if r % 2 == 0 else order[::-1]):
             clocks[name].append(once(name))
     examples = sum(len(b["input_ids"]) for b in prepared["lora"][2])
-    figures: dict = {"examples": examples}
-    for name, runs in clocks.items():
-        for kind in ("wall", "cpu"):
-            figures[f"{name}_{kind}_s"] = statistics.median(getattr(c, kind) for c in runs)
-            figures[f"{name}_{kind}_runs"] = [getattr(c, kind) for c in runs]
-    for kind in ("wall", "cpu"):
-        figures[f"ratio_{kind}"] = figures[f"lora_{kind}_s"] / figures[f"pruned+lora_{kind}_s"]
-    return figures
+    return {"examples": examples, **overhead.clock_figures(clocks, faster="lora", slower="pruned+lora")}
 
 
 def stages(overrides: list[str], repeats: int) -> dict:

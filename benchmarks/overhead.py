@@ -161,13 +161,18 @@ def framework_vs_plain(overrides: list[str], steps: int, repeats: int, say=print
     for r in range(repeats):
         for name in (("plain", "llmk_lab") if r % 2 == 0 else ("llmk_lab", "plain")):
             clocks[name].append(run_plain() if name == "plain" else run_lightning())
-    figures = {"examples": examples, "steps": steps}
+    return {"examples": examples, "steps": steps, **clock_figures(clocks, faster="plain", slower="llmk_lab")}
+
+
+def clock_figures(clocks: dict[str, list[Clock]], faster: str, slower: str) -> dict:
+    """Median wall and CPU seconds of each side, every repeat, and the ratio faster / slower of the medians."""
+    figures: dict = {}
     for name, runs in clocks.items():
         for kind in ("wall", "cpu"):
             figures[f"{name}_{kind}_s"] = statistics.median(getattr(c, kind) for c in runs)
             figures[f"{name}_{kind}_runs"] = [getattr(c, kind) for c in runs]
     for kind in ("wall", "cpu"):
-        figures[f"ratio_{kind}"] = figures[f"plain_{kind}_s"] / figures[f"llmk_lab_{kind}_s"]
+        figures[f"ratio_{kind}"] = figures[f"{faster}_{kind}_s"] / figures[f"{slower}_{kind}_s"]
     return figures
 
 
