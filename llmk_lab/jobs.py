@@ -45,6 +45,11 @@ class NonFiniteLossGuard(pl.Callback):
                                      f"{trainer.global_step} (the run diverged: lower train.lr or check the data)")
 
 
+def checkpointing(settings) -> bool:
+    every = settings.sweep
+    return not settings.train.fast_dev_run and bool(every.checkpoint_every_n_steps or every.checkpoint_every_minutes)
+
+
 def checkpoint_callbacks(settings, run_dir: Path) -> list:
     """A ModelCheckpoint that keeps one `resume.ckpt`, overwritten every N steps or minutes."""
     from datetime import timedelta
@@ -52,7 +57,7 @@ def checkpoint_callbacks(settings, run_dir: Path) -> list:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     every = settings.sweep
-    if settings.train.fast_dev_run or not (every.checkpoint_every_n_steps or every.checkpoint_every_minutes):
+    if not checkpointing(settings):
         return []
     timing = ({"every_n_train_steps": every.checkpoint_every_n_steps} if every.checkpoint_every_n_steps else
               {"train_time_interval": timedelta(minutes=every.checkpoint_every_minutes)})
@@ -62,17 +67,29 @@ def checkpoint_callbacks(settings, run_dir: Path) -> list:
     return [callback]
 
 
-def checkpoint_to_resume(settings, run_dir: Path) -> Optional[str]:
-    """The checkpoint an interrupted job continues from (only with `sweep.resume=true`, not with `force`)."""
+def checkpoint_to_resume(settings, run_dir: Path, fingerprint: str) -> Optional[str]:
+    """The checkpoint an interrupted job continues from (only with `sweep.resume=true`, not with `force`),
+    and only when it was written under the same config: `fingerprint` (the config hash that also marks a
+    completed job) is stamped beside the checkpoint when the attempt starts. A checkpoint of an earlier
+    attempt with another config (a changed default, a code change that altered the resolved config) would
+    otherwise silently continue training a different experiment."""
     path = resume_checkpoint_path(run_dir)
-    if not path.exists():
-        return None
-    if settings.sweep.resume and not settings.sweep.force:
-        log.info("resuming from %s", path)
-        return str(path)
-    path.unlink()  # a stale checkpoint of an earlier attempt must not be mistaken for this run's
+    stamp = path.with_suffix(".config")
+    if path.exists():
+        written_with = stamp.read_text().strip() if stamp.exists() else None
+        if settings.sweep.resume and not settings.sweep.force and written_with == fingerprint:
+            log.info("resuming from %s", path)
+            return str(path)
+        if settings.sweep.resume and not settings.sweep.force:
+            log.info("not resuming from %s: it was written with another config; starting over", path)
+        path.unlink()  # a stale checkpoint of an earlier attempt must not be mistaken for this run's
+    if checkpointing(settings):
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        stamp.write_text(fingerprint)
     return None
 
 
 def discard_resume_checkpoint(run_dir: Path) -> None:
-    resume_checkpoint_path(run_dir).unlink(missing_ok=True)
+    path = resume_checkpoint_path(run_dir)
+    path.unlink(missing_ok=True)
+    path.with_suffix(".config").unlink(missing_ok=True)

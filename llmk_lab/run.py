@@ -35,6 +35,7 @@ from llmk_lab.models import load_model, load_tokenizer
 from llmk_lab.module import TaskModule, ThroughputMonitor
 from llmk_lab.peft import PEFT, PeftStrategy
 from llmk_lab.registry import to_settings
+from llmk_lab.sweep import config_fingerprint
 from llmk_lab.tasks import get_task
 from llmk_lab.training.pooling import refusal as pooling_refusal
 from llmk_lab.training.selection import restore_best, selection_callbacks
@@ -331,7 +332,8 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         # mode, so switch to train mode explicitly (dropout on).
         ctx.module.train()
         fit_started = time.perf_counter()
-        trainer.fit(ctx.module, datamodule=datamodule, ckpt_path=jobs.checkpoint_to_resume(settings, run_dir))
+        resume_from = jobs.checkpoint_to_resume(settings, run_dir, config_fingerprint(cfg))
+        trainer.fit(ctx.module, datamodule=datamodule, ckpt_path=resume_from)
         fit_seconds = time.perf_counter() - fit_started
         train_figures = {"train/examples_per_s": throughput.examples_per_second,
                          "train/peak_memory_mb": peak_memory_mb(), "train/examples": throughput.examples,

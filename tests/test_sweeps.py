@@ -158,6 +158,28 @@ def test_interrupted_job_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch
     assert not resume_checkpoint_path(tmp_path).exists()  # completed: the resume checkpoint is gone
 
 
+def test_checkpoint_of_another_config_is_not_resumed(tmp_path: Path, monkeypatch):
+    """A resume checkpoint written under a different config (here another learning rate) is discarded:
+    the job starts over instead of continuing a different experiment's training."""
+    from llmk_lab.module import TaskModule
+
+    overrides = TINY + ["sweep.checkpoint_every_n_steps=2", *NO_MEASUREMENTS, "export.adapter=false"]
+    original = TaskModule.training_step
+
+    def crash_at_step_3(self, batch, batch_idx):
+        if self.global_step == 3:
+            raise RuntimeError("simulated crash")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(TaskModule, "training_step", crash_at_step_3)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_config(overrides, tmp_path)
+    assert resume_checkpoint_path(tmp_path).exists()
+    monkeypatch.setattr(TaskModule, "training_step", original)
+    metrics = run_config(overrides + ["train.lr=2e-3", "sweep.resume=true"], tmp_path)
+    assert metrics["train/steps"] == 4 and metrics["train/examples"] == 64  # all 4 steps, from the start
+
+
 # --- whole sweeps through the CLI (slow) --------------------------------------------------------------------------
 
 def wandb_runs(root: Path) -> list:
