@@ -28,7 +28,7 @@ class RunContext:
     tokenizer: PreTrainedTokenizerBase
     model: nn.Module  # replaced by stages that wrap or rebuild the model
     datamodule: TaskDataModule
-    # The Lightning module, once built (fit-time methods add loss terms to it).
+    # The Lightning module, once built.
     module: Optional[TaskModule] = None
     # The model as loaded, before any compression, when a method needs a reference.
     dense_model: Optional[nn.Module] = None

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from llmk_lab.compression import FINE_TUNED
+
 
 def stored_values(tensor: torch.Tensor) -> torch.Tensor:
     """The values a (possibly quantised) weight stores, as a plain tensor: the int8 data of torchao's
@@ -246,9 +248,9 @@ def compression_figures(ctx, strategy, settings) -> dict[str, Any]:
 
 
 def keep_fitted_reference(ctx, methods, strategy) -> None:
-    """When every configured method acts after fit, the fine-tuned model itself is the uncompressed
-    reference (a fairer one than the model as loaded, whose task head never trained)."""
-    if ctx.dense_model is not None and methods and all("after_fit" in m.acts and "during_fit" not in m.acts
-                                                       for m in methods):
+    """When every configured method asks for the fine-tuned model as its reference (it compresses only
+    after training), that model, taken before `after_fit`, is the uncompressed reference: a fairer one
+    than the model as loaded, whose task head never trained."""
+    if ctx.dense_model is not None and methods and all(m.dense_reference == FINE_TUNED for m in methods):
         ctx.dense_model = deployable(ctx.model, strategy)
-        ctx.reports["measure/reference"] = "fine-tuned model before compression"
+        ctx.reports["measure/reference"] = FINE_TUNED

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pytorch_lightning as pl
 import torch
@@ -19,13 +19,14 @@ SCHEDULER_NAMES = {"linear": "linear", "cosine": "cosine", "constant": "constant
 
 
 class TaskModule(pl.LightningModule):
-    def __init__(self, model: nn.Module, task, train_cfg):
+    def __init__(self, model: nn.Module, task, train_cfg,
+                 loss_terms: Sequence[Callable[[dict, Any, torch.Tensor], torch.Tensor]] = ()):
         super().__init__()
         self.model, self.task, self.train_cfg = model, task, train_cfg
         self.metrics = nn.ModuleDict({"val": task.metrics(), "test": task.metrics()})
-        # Functions (batch, outputs, loss) -> loss added by fit-time methods
-        # (e.g. distillation), applied in order to the task loss.
-        self.loss_terms: list[Callable[[dict, Any, torch.Tensor], torch.Tensor]] = []
+        # Functions (batch, outputs, loss) -> loss from the compression methods' `loss_term` (e.g.
+        # distillation), applied in order to the task loss.
+        self.loss_terms = list(loss_terms)
         check_label_smoothing(task, train_cfg.label_smoothing)
         if pooling.enabled(train_cfg):  # after the PEFT strategy: the new head trains under all of them
             pooling.attach(model, task, train_cfg)
@@ -86,6 +87,18 @@ class TaskModule(pl.LightningModule):
             return [AdaptiveWeightDecay(self.train_cfg.adaptive_weight_decay,
                                         self.train_cfg.adaptive_weight_decay_average)]
         return []
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # Under FSDP each rank holds a shard of the gradients: FSDP's own clip_grad_norm_ takes the norm over
+        # all of them (Lightning's FSDP precision plugin refuses clipping by norm).
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = self.trainer.strategy.model
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(wrapped,
+                                                                                        FullyShardedDataParallel):
+            wrapped.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         decay, no_decay = [], []

@@ -1,8 +1,9 @@
 """One resolved config -> one run directory -> one tracked run.
 
 `run` reads top to bottom as the stages of a run; each stage is a plain
-function of a few arguments. Methods say when they act (before, during or
-after fit); nothing here names a particular method.
+function of a few arguments. Every hook of every method is called (the ones a
+method does not implement do nothing), and what a method needs it declares
+(`CompressionMethod.dense_reference`); nothing here names a particular method.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llmk_lab.compression import CompressionMethod, build_methods
+from llmk_lab.compression import AS_LOADED, CompressionMethod, build_methods
 from llmk_lab.compression.weight_sharing import untie_shared_weights
 from llmk_lab.compression.masks import (PRUNED_BASE, MaskKeeper, mask_lora_updates, masked_linears,
                                       save_pruned_base, sparsity_report)
@@ -201,7 +202,7 @@ def merged_logit_gap(ctx: RunContext, merged_dir: Path, tolerance: float = 1e-3)
 def reference_measures(ctx: RunContext, model_info: dict, measure):
     """Fidelity needs a reference that predicts something: a model as loaded whose task head was
     newly initialised predicts noise, so agreement with it would say nothing about the compression."""
-    if ctx.reports.get("measure/reference") == "model as loaded" and model_info.get("newly_initialised"):
+    if ctx.reports.get("measure/reference") == AS_LOADED and model_info.get("newly_initialised"):
         ctx.reports["measure/fidelity"] = ("skipped: the uncompressed reference's task head is untrained; "
                                            "compare with a fine-tuned dense run (or use compression=distillation)")
         return dataclasses.replace(measure, fidelity=False)
@@ -299,8 +300,8 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
                      datamodule=datamodule)
 
     # 4. one-shot compression; the uncompressed model is kept as the reference only when something compresses
-    if any(m.acts for m in p.methods):
-        ctx.dense_model, ctx.reports["measure/reference"] = copy.deepcopy(model), "model as loaded"
+    if any(m.dense_reference for m in p.methods):
+        ctx.dense_model, ctx.reports["measure/reference"] = copy.deepcopy(model), AS_LOADED
     for method in p.methods:
         method.before_fit(ctx)
     if ctx.dense_model is not None and not needs_reference(settings.measure):
@@ -313,7 +314,8 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     mask_lora_updates(ctx.model)
 
     # 6. fit
-    ctx.module = TaskModule(ctx.model, task, settings.train)
+    loss_terms = [term for term in (m.loss_term(ctx) for m in p.methods) if term is not None]
+    ctx.module = TaskModule(ctx.model, task, settings.train, loss_terms)
     ctx.module.no_decay_names = p.strategy.no_decay_parameter_names(ctx.model)
     throughput = ThroughputMonitor()
     callbacks = [throughput, console.progress_bar(), *p.strategy.callbacks(ctx)]

@@ -179,10 +179,17 @@ def test_distillation_loss_on_a_hand_made_example():
     assert float(distillation_loss(teacher, teacher, task, 0.0, t)) == pytest.approx(0.0, abs=1e-7)
 
 
-def test_distillation_from_a_dense_teacher_trained_in_the_run(tmp_path, tiny):
+def test_distillation_from_a_dense_teacher_trained_in_the_run(tmp_path, tiny, monkeypatch):
+    from llmk_lab.compression import distillation
+
+    calls = []
+    original = distillation.distillation_loss
+    monkeypatch.setattr(distillation, "distillation_loss", lambda *a, **k: calls.append(1) or original(*a, **k))
     metrics = run_config(tiny + ["compression=chain", "peft=full", "measure.latency_batch_sizes=[]",
                                  "compression.steps=[{method: distillation, alpha: 0.5},"
                                  " {method: structured, head_ratio: 0, neuron_ratio: 0, drop_layers: 1}]"], tmp_path)
+    # The method's loss_term is in the student's training loss, once per training step (not the teacher's).
+    assert len(calls) == metrics["train/steps"] > 0
     assert metrics["measure/reference"] == "dense teacher fine-tuned in this run"
     assert metrics["compression"][1]["layers_dropped"] == [1]
     assert 0 <= metrics["fidelity/agreement"] <= 1 and metrics["fidelity/mean_kl"] >= 0
@@ -196,6 +203,32 @@ def test_teacher_with_other_labels_is_one_clear_line(tmp_path, tiny):
         run_config(tiny + ["compression=distillation", f"compression.teacher={tmp_path / 'teacher'}"],
                    tmp_path / "run")
     assert not (tmp_path / "run" / "metrics.json").exists()
+
+
+# --- what methods declare ---------------------------------------------------------------------------------
+
+def test_every_method_declares_its_reference_with_the_hooks_and_no_schedule_metadata():
+    from llmk_lab.compression import AS_LOADED, COMPRESSION, FINE_TUNED, CompressionMethod
+
+    for name in COMPRESSION.names():
+        cls = COMPRESSION.get(name).cls
+        assert cls.dense_reference in (AS_LOADED, FINE_TUNED, None), name
+        assert not hasattr(cls, "acts"), name  # the hooks are called; a method does not list them
+    assert COMPRESSION.get("none").cls.dense_reference is None
+    assert CompressionMethod(None).loss_term(None) is None
+
+
+@pytest.mark.parametrize("compression, reference", [
+    ("dynamic_int8", "fine-tuned model before compression"),
+    ("chain", "model as loaded"),  # magnitude then int8: one step compresses before training
+])
+def test_the_dense_reference_is_the_one_the_methods_declare(tmp_path, tiny, compression, reference):
+    steps = ["compression.steps=[{method: magnitude, sparsity: 0.5}, {method: dynamic_int8}]"] \
+        if compression == "chain" else []
+    metrics = run_config(tiny + [f"compression={compression}", *steps, "measure.latency_batch_sizes=[]",
+                                 "measure.size=false"], tmp_path)
+    assert metrics["measure/reference"] == reference
+    assert 0 <= metrics["fidelity/agreement"] <= 1
 
 
 # --- quantisation -----------------------------------------------------------------------------------------

@@ -1,15 +1,18 @@
 """Compression methods: one file each, registered with their config schema.
 
-A method acts at one or more points of the run and says so in `acts`:
-`before_fit(ctx)` (one-shot, on weights and calibration data), `callbacks(ctx)`
-(Lightning callbacks or loss terms during fit), `after_fit(ctx)` (post-training).
-`run` calls every hook of every configured method in order and never looks at
-names, so adding a method is one Python file here and one YAML in
-`conf/compression/`.
+A method implements the hooks it needs; the others do nothing. `run` calls
+every hook of every configured method, in order: `before_fit(ctx)` (one-shot,
+on weights and calibration data), `callbacks(ctx)` (Lightning callbacks during
+fit), `loss_term(ctx)` (a term the training step adds to the task loss),
+`after_fit(ctx)` (post-training). What a method needs from the run it declares
+as class attributes (`dense_reference`, ...); `run` never looks at names, so
+adding a method is one Python file here and one YAML in `conf/compression/`.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional
+
+import torch
 
 from torch import nn
 
@@ -18,8 +21,20 @@ from llmk_lab.errors import UserError
 from llmk_lab.registry import Registry, import_submodules
 
 
+# The uncompressed models a method's result can be measured against (size, latency, fidelity); the value is
+# what metrics.json records as `measure/reference`.
+AS_LOADED = "model as loaded"
+FINE_TUNED = "fine-tuned model before compression"
+
+# (batch, model outputs, loss so far) -> loss: a term of the training loss.
+LossTerm = Callable[[dict, Any, torch.Tensor], torch.Tensor]
+
+
 class CompressionMethod:
-    acts: tuple[str, ...] = ()  # of "before_fit", "during_fit", "after_fit"
+    # Which uncompressed model the result is compared with: AS_LOADED (copied before any `before_fit`),
+    # FINE_TUNED (the trained model just before `after_fit`: for methods that compress only after training, a
+    # fairer reference, its task head trained), or None (the method compresses nothing; no copy is kept).
+    dense_reference: Optional[str] = AS_LOADED
     # Why the result cannot be exported as a plain transformers model (`export.merged=true`), or None when it
     # can; plan() refuses the combination with this reason before anything runs.
     merged_export_refusal: Optional[str] = None
@@ -40,6 +55,10 @@ class CompressionMethod:
 
     def callbacks(self, ctx) -> list:
         return []
+
+    def loss_term(self, ctx) -> Optional[LossTerm]:
+        """A term of the training loss, applied to the task loss at every training step, or None."""
+        return None
 
     def after_fit(self, ctx) -> None:
         pass

@@ -4,7 +4,7 @@ The student's loss is
 
     alpha * task_loss + (1 - alpha) * T^2 * KL(softmax(z_teacher / T) || softmax(z_student / T))
 
-added as a fit-time loss term. The teacher is either
+added as a term of the training loss (`loss_term`). The teacher is either
 
 - `teacher: PATH`: a fine-tuned Hugging Face model directory (or hub id, or
   asset:NAME) with the task's head and the same labels, or
@@ -24,7 +24,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from llmk_lab.compression import COMPRESSION, CompressionMethod
+from llmk_lab.compression import COMPRESSION, CompressionMethod, LossTerm
 from llmk_lab.errors import UserError, check
 
 log = logging.getLogger(__name__)
@@ -120,8 +120,6 @@ class TeacherPlacement(pl.Callback):
 
 @COMPRESSION.register("distillation", config=DistillationConfig)
 class Distillation(CompressionMethod):
-    acts = ("before_fit", "during_fit")
-
     def __init__(self, settings):
         super().__init__(settings)
         self.teacher = None
@@ -140,15 +138,17 @@ class Distillation(CompressionMethod):
         self.report = {"teacher": s.teacher, "alpha": s.alpha, "temperature": s.temperature}
 
     def callbacks(self, ctx) -> list:
-        teacher, s = self.teacher, self.settings
+        return [TeacherPlacement(self.teacher)]
+
+    def loss_term(self, ctx) -> LossTerm:
+        teacher, s, task = self.teacher, self.settings, ctx.task
 
         def distill(batch, outputs, loss):
             with torch.no_grad():
-                teacher_logits = ctx.task.logits(teacher(**batch))
-            logits = ctx.task.logits(outputs)
+                teacher_logits = task.logits(teacher(**batch))
+            logits = task.logits(outputs)
             labels = batch.get("labels")
             valid = labels != -100 if labels is not None and labels.shape == logits.shape[:-1] else None
             return distillation_loss(logits, teacher_logits, loss, s.alpha, s.temperature, valid)
 
-        ctx.module.loss_terms.append(distill)
-        return [TeacherPlacement(teacher)]
+        return distill

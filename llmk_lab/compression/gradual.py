@@ -147,7 +147,6 @@ def trainable_targets(ctx, settings, key: str) -> dict[str, nn.Linear]:
 
 @COMPRESSION.register("gradual_magnitude", config=GradualConfig)
 class GradualMagnitudePruning(CompressionMethod):
-    acts = ("during_fit",)
     prunes_while_training = True
 
     def callbacks(self, ctx) -> list:

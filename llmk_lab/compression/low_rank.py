@@ -62,7 +62,6 @@ def factorize(linear: nn.Linear, rank: int) -> nn.Sequential:
 
 @COMPRESSION.register("low_rank", config=LowRankConfig)
 class LowRank(CompressionMethod):
-    acts = ("before_fit",)
     merged_export_refusal = ("each factorised layer is two linears, which no transformers architecture has, so "
                              "from_pretrained would rebuild dense random layers in their place; use "
                              "export.checkpoint=true")

@@ -50,7 +50,6 @@ class MovementScores(ScheduledPruning):
 
 @COMPRESSION.register("movement", config=MovementConfig)
 class MovementPruning(CompressionMethod):
-    acts = ("during_fit",)
     prunes_while_training = True
 
     def callbacks(self, ctx) -> list:

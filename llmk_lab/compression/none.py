@@ -11,4 +11,4 @@ class NoCompressionConfig:
 
 @COMPRESSION.register("none", config=NoCompressionConfig)
 class NoCompression(CompressionMethod):
-    acts = ()
+    dense_reference = None  # nothing is compressed: no reference to measure against

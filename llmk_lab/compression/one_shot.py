@@ -116,7 +116,6 @@ def layer_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 class OneShotPruning(CompressionMethod):
     """Prunes the targeted linear layers once, before fine-tuning, and reports the sparsity achieved."""
 
-    acts = ("before_fit",)
 
     def before_fit(self, ctx) -> None:
         layers = self.layers(ctx.model)

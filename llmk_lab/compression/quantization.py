@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from llmk_lab.compression import COMPRESSION, CompressionMethod, target_linears
+from llmk_lab.compression import COMPRESSION, FINE_TUNED, CompressionMethod, target_linears
 from llmk_lab.errors import UserError, check
 
 BACKENDS = ("torch_ao", "torchao")
@@ -92,7 +92,7 @@ class WeightOnlyInt8Config:
 
 
 class PostTrainingQuantization(CompressionMethod):
-    acts = ("before_fit", "after_fit")
+    dense_reference = FINE_TUNED  # before_fit only checks; the weights change after training
     merged_export_refusal = ("its int8 layers are not a checkpoint that transformers' from_pretrained reloads as "
                              "such; the run's metrics measure the int8 model, and the adapter export holds the "
                              "float update")

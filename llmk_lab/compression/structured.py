@@ -194,7 +194,6 @@ def with_fitted_head(model: nn.Module, task, batches: list[dict]) -> nn.Module:
 
 @COMPRESSION.register("structured", config=StructuredConfig)
 class StructuredPruning(CompressionMethod):
-    acts = ("before_fit",)
 
     def refusal_with(self, strategy):
         if self.settings.head_ratio > 0 and strategy.registered_name == "prefix":

@@ -95,7 +95,6 @@ def untie_shared_weights(model: nn.Module, adapted_only: bool = False) -> int:
 
 @COMPRESSION.register("weight_sharing", config=WeightSharingConfig)
 class WeightSharing(CompressionMethod):
-    acts = ("before_fit",)
 
     @torch.no_grad()
     def before_fit(self, ctx) -> None:
