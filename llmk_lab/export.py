@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llmk_lab.errors import UserError
+from llmk_lab.reference import outputs_by_length, run_outputs
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +102,11 @@ def agreement(task_name: str, ours, theirs, labels=None) -> dict[str, float]:
     if task_name == "causal_lm":
         return {"agreement": float(torch.isclose(ours, theirs, rtol=1e-4, atol=1e-5).double().mean()),
                 "max_abs_diff": float((ours - theirs).abs().max())}
-    same = ours.argmax(-1) == theirs.argmax(-1)
+    same, gap = ours.argmax(-1) == theirs.argmax(-1), (ours - theirs).abs()
     if task_name == "token_classification" and labels is not None:
-        same = same[labels != -100]  # the words' first sub-tokens: where a tag is read
-    return {"agreement": float(same.double().mean()), "max_abs_diff": float((ours - theirs).abs().max())}
+        read = labels != -100  # the words' first sub-tokens: where a tag is read (padding is not)
+        same, gap = same[read], gap[read]
+    return {"agreement": float(same.double().mean()), "max_abs_diff": float(gap.max())}
 
 
 def save_reference(run_dir: Path, inputs: dict, outputs, task_name: str) -> Path:
@@ -179,9 +181,9 @@ def export_model(ctx, strategy) -> dict[str, str]:
     if task.registered_name in CHECKED_TASKS:
         try:
             inputs = reference_inputs(task, ctx.tokenizer, ctx.datamodule.splits["test"])
-            was_training = ctx.model.training
-            ours = model_outputs(ctx.model, task.registered_name, inputs, ctx.settings.train.eval_batch_size)
-            ctx.model.train(was_training)
+            # The test stage's own outputs where they are a float32 pass (llmk_lab.reference), so the
+            # trained model is not run over the test examples a second time.
+            ours, ctx.reports["export/reference_outputs"] = run_outputs(ctx, inputs)
             written["reference"] = str(save_reference(run_dir, inputs, ours, task.registered_name))
         except Exception as err:  # noqa: BLE001  (recorded, and the model/ export is then not checked)
             return _left_out(ctx, written, f"the run's test outputs could not be recorded ({_one_line(err)})")
@@ -242,8 +244,8 @@ def _write_model(ctx, strategy, ours, inputs) -> Optional[str]:
     if after["overall"] != before["overall"]:
         return f"its linear-layer sparsity changed on reloading ({before['overall']:.4f} -> {after['overall']:.4f})"
     if ours is not None:
-        figures = agreement(task.registered_name, ours, model_outputs(reloaded, task.registered_name, inputs),
-                            inputs.get("labels"))
+        theirs = outputs_by_length(reloaded, task.registered_name, inputs, ctx.settings.train.eval_batch_size)
+        figures = agreement(task.registered_name, ours, theirs, inputs.get("labels"))
         ctx.reports.update({f"export/model_{k}": v for k, v in figures.items()})
         if figures["agreement"] < 1.0:
             return f"reloaded, it agreed with the run on {figures['agreement']:.1%} of test predictions"

@@ -37,6 +37,9 @@ class TaskModule(pl.LightningModule):
                           if train_cfg.adversarial != "none" else None)
         # Parameters the PEFT strategy says must not be decayed toward 0 (`no_decay_parameter_names`).
         self.no_decay_names: set[str] = set()
+        # Set before the test stage (`reference.record_test_stage`): keeps the test stage's outputs on
+        # the export's reference examples, so the export does not run the trained model over them again.
+        self.test_outputs = None
 
     def forward(self, batch: dict) -> Any:
         return self.model(**batch)
@@ -57,17 +60,20 @@ class TaskModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, prog_bar=True, batch_size=len(batch["input_ids"]))
         return loss
 
-    def _eval_step(self, stage: str, batch) -> None:
+    def _eval_step(self, stage: str, batch) -> Any:
         outputs = self.task.eval_outputs(self.model, batch)
         self.task.update_metrics(self.metrics[stage], batch, outputs)
         # sync_dist: under DDP each process sees a shard of the split; the logged loss is over all of them.
         self.log(f"{stage}/loss", outputs.loss, on_epoch=True, batch_size=len(batch["input_ids"]), sync_dist=True)
+        return outputs
 
     def validation_step(self, batch, batch_idx):
         self._eval_step("val", batch)
 
     def test_step(self, batch, batch_idx):
-        self._eval_step("test", batch)
+        outputs = self._eval_step("test", batch)
+        if self.test_outputs is not None:
+            self.test_outputs.add(batch, outputs)
 
     def _log_epoch(self, stage: str) -> None:
         values = self.task.compute_metrics(self.metrics[stage])

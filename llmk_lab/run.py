@@ -358,6 +358,10 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
 
         # 8. evaluate and measure
         with stages.stage("evaluate"):
+            if settings.export.model:  # the test stage's outputs are the export's reference (llmk_lab.reference)
+                from llmk_lab.reference import record_test_stage
+
+                ctx.module.test_outputs = record_test_stage(ctx, trainer)
             metrics.update(evaluate(trainer, ctx.module, datamodule))
         hardware.leave_distributed(trainer)  # a distributed run's other ranks end here; rank zero goes on alone
         with stages.stage("parameter_counts"):

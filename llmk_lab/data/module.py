@@ -73,12 +73,16 @@ class TaskDataModule(pl.LightningDataModule):
         return {split: examples[: limits[split]] if limits.get(split) else examples
                 for split, examples in tokenized.items()}
 
+    def eval_order(self, split: str) -> list[int]:
+        """Indices of the split's examples in the order its evaluation loader yields them. Evaluation order
+        does not change the metrics; sorting by length keeps padding, and so evaluation time, to a minimum."""
+        examples = self.splits[split]
+        return sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+
     def _loader(self, split: str, shuffle: bool, batch_size: int) -> DataLoader:
         examples = self.splits[split]
         if not shuffle:
-            # Evaluation order does not change the metrics; sorting by length
-            # keeps padding, and so evaluation time, to a minimum.
-            examples = sorted(examples, key=lambda e: len(e["input_ids"]))
+            examples = [examples[i] for i in self.eval_order(split)]
         # A dedicated generator makes the shuffling order a function of the seed alone.
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(examples, batch_size=batch_size, shuffle=shuffle,

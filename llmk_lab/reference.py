@@ -1,0 +1,158 @@
+"""What the run predicted on its test split, taken from the test stage itself.
+
+The export checks (`export.export_model`) compare the exported model with the run's own outputs on the
+first `export.REFERENCE_EXAMPLES` test examples, and `reference/test.safetensors` keeps those outputs.
+They are the test stage's: `TaskModule.test_step` hands each batch's outputs to a `RecordedTestOutputs`,
+so the trained model goes over the test split once and the export runs only the reloaded copy. Where the
+test stage's outputs are not what a float32 pass of the trained model gives, the export runs the trained
+model over the reference examples instead, and `export/reference_outputs` in metrics.json says why: mixed
+precision, a distributed run (each process scores a shard), a test stage cut to some batches, left padding,
+or a task whose evaluation keeps no per-example logits (causal and masked LM score their loss in chunks).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:  # torch is imported where it is used: `llmk_lab.export` imports this module at start-up
+    import torch
+
+# Tasks whose test-stage outputs are the reference's (logits per example or per token, as
+# `export.model_outputs` gives them).
+RECORDED_TASKS = ("sequence_classification", "token_classification")
+FULL_PRECISION = ("32-true", "32")
+FROM_TEST_STAGE = "test stage"
+
+
+class RecordedTestOutputs:
+    """The test stage's logits on the reference examples (test split indices below `limit`), each checked
+    against the tokens of the example it should belong to, so a loader that changed its order or its
+    examples cannot pass another example's outputs off as the run's."""
+
+    def __init__(self, examples: list[dict], order: list[int], limit: int, model, refusal: Optional[str] = None):
+        self.examples, self.order, self.limit, self.model = examples, order, limit, model
+        self.rows: dict[int, torch.Tensor] = {}
+        self.seen = 0
+        # Why these outputs cannot serve as the reference (None while they can).
+        self.refusal = refusal
+
+    def add(self, batch: dict, outputs: Any) -> None:
+        import torch
+
+        if self.refusal is not None:
+            return
+        logits = getattr(outputs, "logits", None)
+        if logits is None:
+            self.refusal = "the test stage's outputs hold no logits"
+            return
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        for row in range(len(ids)):
+            if self.seen >= len(self.order):
+                self.refusal = "the test stage scored more examples than the test split has"
+                return
+            index = self.order[self.seen]
+            self.seen += 1
+            if index >= self.limit:
+                continue
+            attended = mask[row].bool() if mask is not None else torch.ones_like(ids[row], dtype=torch.bool)
+            if not torch.equal(ids[row][attended].cpu(), torch.as_tensor(self.examples[index]["input_ids"])):
+                self.refusal = f"the test stage's example {self.seen - 1} is not test example {index}"
+                return
+            out = logits[row][attended] if logits.ndim == 3 else logits[row]  # per token: its real tokens
+            self.rows[index] = out.detach().float().cpu().clone()
+
+    def outputs(self, inputs: dict, model) -> tuple[Optional[torch.Tensor], Optional[str]]:
+        """The recorded outputs laid out as `inputs` (the reference batch; per-token logits at its attended
+        positions, zero at padding), or None and why not."""
+        import torch
+
+        n = len(inputs["input_ids"])
+        if self.refusal is not None:
+            return None, self.refusal
+        if model is not self.model:
+            return None, "the model changed after the test stage"
+        missing = [i for i in range(n) if i not in self.rows]
+        if missing:
+            return None, (f"the test stage scored {n - len(missing)} of the {n} reference examples "
+                          "(limited test batches)")
+        first = self.rows[0]
+        if first.ndim == 1:
+            return torch.stack([self.rows[i] for i in range(n)]), None
+        mask = inputs["attention_mask"].bool()
+        laid_out = first.new_zeros(n, mask.shape[1], first.shape[-1])
+        for i in range(n):
+            laid_out[i][mask[i]] = self.rows[i]
+        return laid_out, None
+
+
+def record_test_stage(ctx, trainer, limit: Optional[int] = None) -> RecordedTestOutputs:
+    """What `TaskModule.test_step` records the test stage's outputs into for the export's reference (the
+    first `limit` test examples, default `export.REFERENCE_EXAMPLES`), refusing up front where they would
+    not be a float32 pass of the whole model over the examples."""
+    from llmk_lab.export import REFERENCE_EXAMPLES
+
+    settings = ctx.settings
+    limit = REFERENCE_EXAMPLES if limit is None else limit
+    refusal = None
+    if ctx.task.registered_name not in RECORDED_TASKS:
+        refusal = f"the {ctx.task.registered_name} evaluation keeps no per-example logits"
+    elif str(settings.hardware.precision) not in FULL_PRECISION:
+        refusal = f"hardware.precision={settings.hardware.precision}: the test stage is not a float32 pass"
+    elif trainer.world_size > 1:
+        refusal = f"each of the {trainer.world_size} processes scored a shard of the test split"
+    elif getattr(ctx.tokenizer, "padding_side", "right") != "right":
+        # The evaluation batches pad each example to its batch's longest, the reference to the longest of
+        # all: with left padding that moves its tokens, which models with absolute positions do not ignore.
+        refusal = "the tokenizer pads on the left"
+    examples = ctx.datamodule.splits["test"]
+    order = ctx.datamodule.eval_order("test") if refusal is None else []
+    return RecordedTestOutputs(examples, order, min(limit, len(examples)), ctx.model, refusal)
+
+
+def run_outputs(ctx, inputs: dict) -> tuple[torch.Tensor, str]:
+    """The run's outputs on the reference inputs and where they come from: the test stage's, or (where
+    those cannot serve) a pass of the trained model, as before the test stage kept them."""
+    record: Optional[RecordedTestOutputs] = getattr(ctx.module, "test_outputs", None)
+    reason = "the test stage kept no outputs"
+    if record is not None:
+        ours, reason = record.outputs(inputs, ctx.model)
+        if ours is not None:
+            return ours, FROM_TEST_STAGE
+    was_training = ctx.model.training
+    ours = outputs_by_length(ctx.model, ctx.task.registered_name, inputs, ctx.settings.train.eval_batch_size)
+    ctx.model.train(was_training)
+    return ours, f"a second pass of the trained model ({reason})"
+
+
+def outputs_by_length(model, task_name: str, inputs: dict, batch_size: int = 64) -> torch.Tensor:
+    """`export.model_outputs` in batches of examples of similar length, each batch cut to the positions
+    its examples attend: the same outputs as one batch padded to the longest example (padding is masked),
+    for the padded work of the evaluation loader. Per-token outputs are zero at padding."""
+    import torch
+
+    from llmk_lab.export import model_outputs
+
+    mask = inputs.get("attention_mask")
+    if mask is None or bool(mask.all()):  # nothing padded (LM windows)
+        return model_outputs(model, task_name, inputs, batch_size)
+    n, width = mask.shape
+    order = torch.argsort(mask.sum(-1), stable=True)
+    result: Optional[torch.Tensor] = None
+    for start in range(0, n, batch_size):
+        rows = order[start:start + batch_size]
+        # Only trailing padding is cut: a model with absolute positions sees a left-padded example at
+        # other positions when its leading padding changes.
+        columns = torch.arange(int(mask[rows].any(0).nonzero().max()) + 1)
+        chunk = {k: (v[rows][:, columns] if v.ndim >= 2 and v.shape[:2] == (n, width) else v[rows])
+                 for k, v in inputs.items()}
+        out = model_outputs(model, task_name, chunk, len(rows))
+        if out.ndim == 3:  # per token: back to the full width, zero where nothing is attended
+            out = out * chunk["attention_mask"][..., None].to(out.dtype)
+        if result is None:
+            shape = (n, width, *out.shape[2:]) if out.ndim == 3 else (n, *out.shape[1:])
+            result = out.new_zeros(shape)
+        if out.ndim == 3:
+            result[rows[:, None], columns[None, :]] = out
+        else:
+            result[rows] = out
+    return result
