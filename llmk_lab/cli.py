@@ -117,9 +117,18 @@ def _remove_empty_parents(folder: Path) -> None:
         folder = folder.parent
 
 
-def _objective(metrics: dict, key: str) -> float:
-    value = metrics.get(key, math.nan)
-    return float(value) if isinstance(value, (int, float)) else math.nan
+def _objective(metrics: dict, setting: str | None) -> float:
+    """The value the sweepers optimise: the metric the run recorded as its `optimized_metric` (the setting,
+    or the task's primary metric when it is null); NaN, said once in the log, when the run does not have it."""
+    key = metrics.get("optimized_metric") or setting
+    value = metrics.get(key) if key else None
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        task_metrics = sorted(k for k, v in metrics.items() if k.startswith(("val/", "test/")) and
+                              isinstance(v, (int, float)))
+        log.warning("optimized_metric=%s is not among the run's metrics; the sweeper gets NaN (allowed: one of "
+                    "%s)", key, task_metrics)
+        return math.nan
+    return float(value)
 
 
 def main() -> None:

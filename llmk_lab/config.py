@@ -324,8 +324,9 @@ class RunConfig:
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     seed: int = 42
-    # Metric the run returns to Hydra's sweepers (e.g. Optuna).
-    optimized_metric: str = "test/acc"
+    # Metric the run returns to Hydra's sweepers (e.g. Optuna) and a sweep report ranks by; null: the task's
+    # primary metric on the test split (test/acc, test/f1, test/perplexity), see `tasks.optimized_metric`.
+    optimized_metric: Optional[str] = None
 
 
 def register_schemas() -> None:

@@ -37,7 +37,7 @@ from llmk_lab.module import TaskModule, ThroughputMonitor
 from llmk_lab.peft import PEFT, PeftStrategy
 from llmk_lab.registry import to_settings
 from llmk_lab.sweep import config_fingerprint
-from llmk_lab.tasks import get_task
+from llmk_lab.tasks import get_task, optimized_metric
 from llmk_lab.training.pooling import refusal as pooling_refusal
 from llmk_lab.training.selection import restore_best, selection_callbacks
 from llmk_lab import console, hardware, jobs, tracking
@@ -298,6 +298,7 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     ctx = RunContext(settings=settings, run_dir=run_dir, task=task, tokenizer=tokenizer, model=model,
                      datamodule=datamodule)
+    ctx.reports["optimized_metric"] = optimized_metric(settings.optimized_metric, task)  # what sweeps rank by
 
     # 4. one-shot compression; the uncompressed model is kept as the reference only when something compresses
     if any(m.dense_reference for m in p.methods):

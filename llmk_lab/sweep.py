@@ -77,13 +77,14 @@ except ImportError:  # pragma: no cover  (hydra-core < 1.1)
     Callback = object  # type: ignore[misc,assignment]
 
 
-def _direction(sweeper_cfg: Any, metric: str) -> str:
+def _direction(sweeper_cfg: Any, metric: Optional[str]) -> Optional[str]:
+    """The sweeper's direction, else the metric's (None while the metric is the task's, known once a job ran)."""
     direction = OmegaConf.select(sweeper_cfg, "direction", default=None) if sweeper_cfg is not None else None
     if isinstance(direction, (list, tuple)) or OmegaConf.is_list(direction):
         direction = direction[0] if len(direction) else None
     if direction is not None:
         return str(getattr(direction, "name", direction)).lower()
-    return infer_direction(metric)
+    return infer_direction(metric) if metric else None
 
 
 class SweepReport(Callback):
@@ -95,7 +96,8 @@ class SweepReport(Callback):
         sweep_dir.mkdir(parents=True, exist_ok=True)
         params = OmegaConf.to_container(hydra_cfg.sweeper.params, resolve=False) \
             if OmegaConf.select(hydra_cfg, "sweeper.params") else {}
-        metric = str(config.get("optimized_metric", "test/acc"))
+        # null: each job's task decides (`tasks.optimized_metric`); the report reads it from the jobs' metrics.json.
+        metric = config.get("optimized_metric")
         info = {
             "group": sweep_group(sweep_dir),
             "swept_keys": swept_keys(hydra_cfg.overrides.task, params),

@@ -8,7 +8,9 @@ import pytest
 from llmk_lab.data import load_data
 from llmk_lab.errors import UserError
 from llmk_lab.run import plan
-from tests.conftest import compose_config, run_cli, run_config
+from llmk_lab.cli import _objective
+from llmk_lab.sweep_layout import infer_direction
+from tests.conftest import compose_config, read_metrics, run_cli, run_config
 
 FAST = ["logger=csv", "compression=none", "export.checkpoint=false", "train.batch_size=8", "train.eval_batch_size=16"]
 WORDS = {"sports": ["match", "goal", "team", "coach", "league"], "food": ["pasta", "bread", "sauce", "oven", "salad"],
@@ -106,9 +108,12 @@ def test_jsonl_directory_of_splits_end_to_end(tmp_path):
 def test_conll_ner_end_to_end_reports_entity_f1_per_type(tmp_path):
     write_conll(tmp_path / "ner.conll", conll_sentences(40))
     metrics = run_config(FAST + ["model=tiny_bert", "data=local_conll", f"data.path={tmp_path / 'ner.conll'}",
-                                 "data.val_size=8", "data.test_size=8", "optimized_metric=test/f1"], tmp_path / "run")
+                                 "data.val_size=8", "data.test_size=8"], tmp_path / "run")
     for key in ("test/f1", "test/precision", "test/recall", "test/f1_PER", "test/f1_LOC", "val/f1_PER"):
         assert 0.0 <= metrics[key] <= 1.0, key
+    # optimized_metric left at its default: the sweepers get the NER task's entity F1, not a test/acc it lacks.
+    assert metrics["optimized_metric"] == "test/f1" and read_metrics(tmp_path / "run")["optimized_metric"] == "test/f1"
+    assert _objective(metrics, None) == metrics["test/f1"]
     assert metrics["test/support_PER"] == 8 and metrics["test/support_LOC"] == 8
 
 
@@ -118,12 +123,14 @@ def test_text_file_causal_lm_end_to_end_and_second_run_hits_the_tokenisation_cac
     paragraphs = [" ".join(sentence(list(WORDS)[i % 3], rng) + "." for _ in range(8)) for i in range(30)]
     (tmp_path / "corpus.txt").write_text("\n\n".join(paragraphs))
     overrides = FAST + ["model=tiny_llama", "data=local_text", f"data.path={tmp_path / 'corpus.txt'}",
-                        "data.max_length=32", "data.val_size=3", "data.test_size=3", "peft=lora",
-                        "optimized_metric=test/perplexity"]
+                        "data.max_length=32", "data.val_size=3", "data.test_size=3", "peft=lora"]
     first = run_config(overrides, tmp_path / "a")
     second = run_config(overrides, tmp_path / "b")
     assert (first["data/tokenization_cache_hit"], second["data/tokenization_cache_hit"]) == (False, True)
     assert first["test/perplexity"] == pytest.approx(second["test/perplexity"])
+    # The default objective of a language model: its perplexity, which sweeps and reports minimise.
+    assert first["optimized_metric"] == "test/perplexity" and infer_direction(first["optimized_metric"]) == "minimize"
+    assert _objective(first, None) == first["test/perplexity"]
     assert 1.0 < first["test/perplexity"] < 2 * 30522  # a random 30k-vocabulary model: about the vocabulary size
     log = (tmp_path / "b" / "llmk_lab.log")
     if log.exists():  # written by the CLI's logging setup; in-process runs may not have it

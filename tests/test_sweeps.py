@@ -92,6 +92,26 @@ def test_report_cli_writes_files(synthetic_sweep: Path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_task_default_objective_reaches_sweep_json_and_the_report(tmp_path: Path):
+    """`optimized_metric: null` (the default): the sweep cannot know the metric before a job ran, the jobs record
+    their task's (here a causal LM's test/perplexity) and the report ranks by it, lower first."""
+    from llmk_lab.sweep import SweepReport
+
+    sweep_dir = tmp_path / "sweep"
+    SweepReport().on_multirun_start(OmegaConf.create({"optimized_metric": None, "hydra": {
+        "sweep": {"dir": str(sweep_dir)}, "sweeper": {"_target_": "basic", "params": None},
+        "launcher": {"_target_": "basic"}, "overrides": {"task": ["compression.sparsity=0.3,0.6"]}}}))
+    info = json.loads((sweep_dir / "sweep.json").read_text())
+    assert info["optimized_metric"] is None and info["direction"] is None
+    for num, (sparsity, ppl) in enumerate(((0.3, 40.0), (0.6, 90.0))):
+        run_dir = fake_job(sweep_dir, num, [f"compression.sparsity={sparsity}"],
+                           {"optimized_metric": "test/perplexity", "test/perplexity": ppl})
+        OmegaConf.save(OmegaConf.create({"optimized_metric": None}), run_dir / ".hydra" / "config.yaml")
+    result = write_report(sweep_dir, wandb=False)
+    assert (result.optimized_metric, result.direction) == ("test/perplexity", "minimize")
+    assert result.best["compression.sparsity"] == "0.3"
+
+
 def test_pareto_front_respects_directions():
     points = [(0.3, 0.90), (0.5, 0.88), (0.7, 0.80), (0.5, 0.85), (0.3, 0.80)]
     # more sparsity is better, higher accuracy is better: (0.5, 0.85) and (0.3, 0.80) are dominated

@@ -21,7 +21,7 @@ from typing import Any, Optional
 
 from omegaconf import OmegaConf
 
-from llmk_lab.report.collection import SEED_KEYS, Job, collect_jobs, job_config_value
+from llmk_lab.report.collection import SEED_KEYS, Job, collect_jobs, job_config_value, recorded_value
 from llmk_lab.report.pareto import pareto_front
 from llmk_lab.report.statistics import aggregate, best_row, metric_keys
 from llmk_lab.report.tables import markdown, write_csv
@@ -57,8 +57,9 @@ def write_report(sweep_dir: Path | str, optimized_metric: Optional[str] = None, 
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
     info = read_sweep_info(sweep_dir)
     jobs = collect_jobs(sweep_dir)
-    optimized = optimized_metric or info.get("optimized_metric") or job_config_value(jobs, "optimized_metric") \
-        or "test/acc"
+    # The sweep's setting, else what its jobs resolved (`optimized_metric: null` is the task's primary metric).
+    optimized = optimized_metric or info.get("optimized_metric") or recorded_value(jobs, "optimized_metric") \
+        or job_config_value(jobs, "optimized_metric") or "test/acc"
     direction = direction or info.get("direction") or infer_direction(optimized)
     done = [j for j in jobs if j.metrics]
     failures = [j for j in jobs if not j.metrics and j.failure]

@@ -68,6 +68,11 @@ def collect_jobs(sweep_dir: Path) -> list[Job]:
     return jobs
 
 
+def recorded_value(jobs: list[Job], key: str) -> Any:
+    """`key` of the first completed job's metrics.json (what the run resolved, e.g. its optimized_metric), or None."""
+    return next((job.metrics[key] for job in jobs if job.metrics and job.metrics.get(key) is not None), None)
+
+
 def job_config_value(jobs: list[Job], key: str) -> Any:
     """`key` of the first job's resolved config (config.yaml, else .hydra/config.yaml), or None."""
     for job in jobs:

@@ -94,5 +94,11 @@ def get_task(name: str, labels: list[str] | None) -> Task:
     return TASKS.get(name, "data.task").cls(labels)
 
 
+def optimized_metric(setting: Optional[str], task: Task) -> str:
+    """The metric a run is judged by (returned to the sweepers, ranked by the sweep report): `optimized_metric`
+    when it is set, else the task's primary metric on the test split. The run records it in metrics.json."""
+    return setting or f"test/{task.primary_metric}"
+
+
 # Every module of this package registers its tasks entries when imported.
 import_submodules(__name__, __path__)
