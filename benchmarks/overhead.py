@@ -96,8 +96,6 @@ def compose_settings(overrides: list[str]):
 
 def prepared(overrides: list[str], steps: int):
     """The run's data, model (compressed before fit and adapted, as `run` does) and `steps` training batches."""
-    from llmk_lab.compression.masks import mask_lora_updates
-
     p = compose_settings(overrides)
     s = p.settings
     pl.seed_everything(s.seed, verbose=False)
@@ -110,9 +108,7 @@ def prepared(overrides: list[str], steps: int):
                      datamodule=datamodule)
     for method in p.methods:
         method.before_fit(ctx)
-    adapted = p.strategy.apply(ctx.model, ctx)
-    mask_lora_updates(adapted)
-    ctx.model = adapted
+    ctx.model = p.strategy.apply(ctx.model, ctx)
     batches = list(islice(iter(datamodule.train_dataloader()), steps))
     return p, ctx, batches
 

@@ -22,8 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmk_lab.compression import AS_LOADED, CompressionMethod, build_methods
 from llmk_lab.compression.weight_sharing import untie_shared_weights
-from llmk_lab.compression.masks import (PRUNED_BASE, MaskKeeper, mask_lora_updates, masked_linears,
-                                      save_pruned_base, sparsity_report)
+from llmk_lab.compression.masks import PRUNED_BASE, MaskKeeper, masked_linears, save_pruned_base, sparsity_report
 from llmk_lab.config import RunConfig
 from llmk_lab.context import RunContext
 from llmk_lab.data import load_data
@@ -310,9 +309,8 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         ctx.dense_model = None
         ctx.reports.pop("measure/reference", None)
 
-    # 5. adaptation; pruning masks are kept through it
+    # 5. adaptation; pruning masks are kept through it (a low-rank update over pruned weights masks itself)
     ctx.model = p.strategy.apply(ctx.model, ctx)
-    mask_lora_updates(ctx.model)
 
     # 6. fit
     loss_terms = [term for term in (m.loss_term(ctx) for m in p.methods) if term is not None]

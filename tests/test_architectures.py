@@ -20,10 +20,11 @@ from transformers.pytorch_utils import Conv1D
 from llmk_lab.architectures import (FAMILIES, architecture, name_matcher, pin_blocks, to_weight_layout,
                                     transformer_blocks, weight_matrix)
 from llmk_lab.compression import COMPRESSION, target_linears
-from llmk_lab.compression.masks import MASK, mask_lora_updates
+from llmk_lab.compression.masks import MASK
 from llmk_lab.compression.structured import StructuredConfig, StructuredPruning
 from llmk_lab.errors import UserError
 from llmk_lab.peft import resolve_targets
+from llmk_lab.peft.lora import mask_lora_updates
 from tests.conftest import read_metrics, run_config
 
 VOCAB, D, FF = 128, 32, 64

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmk_lab.compression.masks import MASK, MaskKeeper, mask_lora_updates, set_mask
+from llmk_lab.compression.masks import MASK, MaskKeeper, set_mask
+from llmk_lab.peft.lora import mask_lora_updates
 from tests.conftest import run_config
 
 D_IN, D_OUT, TOKENS = 12, 10, 7

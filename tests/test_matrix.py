@@ -151,7 +151,8 @@ def test_7_the_adapter_of_a_pruned_run_reproduces_it_on_the_pruned_base(tmp_path
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from llmk_lab.compression.masks import load_pruned_base, mask_lora_updates
+    from llmk_lab.compression.masks import load_pruned_base
+    from llmk_lab.peft.lora import mask_lora_updates
     from tests.test_compression_methods import INPUT
 
     from transformers import BertConfig, BertForSequenceClassification

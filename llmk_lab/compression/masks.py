@@ -6,8 +6,9 @@ keep the pruned weights at zero afterwards:
 
 - `MaskKeeper` zeroes their gradients and re-applies the masks after every
   optimiser step (full fine-tuning, top layers, BitFit...);
-- `mask_lora_updates` makes LoRA's update obey the mask, (W + BA) * M, so the
-  model trained is exactly the model obtained after merging;
+- `masked_update_forward` makes a low-rank update obey the mask, (W + BA) * M,
+  so the model trained is exactly the model obtained after merging; each
+  strategy applies it to its own layers (`peft/lora.py`, `peft/adalora.py`);
 - the same masked update in peft's merge (`mask_merged_updates`), so the merged
   model has its zeros without re-masking: sparsity after merging is measured,
   not imposed.
@@ -143,10 +144,6 @@ def masked_update_forward(update_factors: Callable[[nn.Module, str], tuple[torch
     return forward
 
 
-_masked_lora_forward = masked_update_forward(
-    lambda layer, name: (layer.lora_B[name].weight, layer.lora_A[name].weight, layer.scaling[name]))
-
-
 def _masked_delta_weight(self, adapter: str) -> torch.Tensor:
     """peft's merge adds `get_delta_weight(adapter)` to W; masked, W + dW * M = (W + dW) * M because the
     pruned W is already zero there, so the merged model is the one trained, with no re-masking after it."""
@@ -157,19 +154,6 @@ def _masked_delta_weight(self, adapter: str) -> torch.Tensor:
 def mask_merged_updates(module: nn.Module) -> None:
     """Make peft's merge of this low-rank layer obey its base layer's pruning mask."""
     module.get_delta_weight = types.MethodType(_masked_delta_weight, module)
-
-
-def mask_lora_updates(model: nn.Module) -> int:
-    """Route LoRA layers over pruned weights through the masked forward and the masked merge; returns how many."""
-    from peft.tuners.lora import Linear as LoraLinear
-
-    patched = 0
-    for module in model.modules():
-        if isinstance(module, LoraLinear) and hasattr(module.base_layer, MASK):
-            module.forward = types.MethodType(_masked_lora_forward, module)
-            mask_merged_updates(module)
-            patched += 1
-    return patched
 
 
 # Next to a pruned run's adapter: the pruned base layers (weights as compressed, zeros included) and their masks.
@@ -212,7 +196,7 @@ def save_pruned_base(model: nn.Module, directory) -> bool:
 def load_pruned_base(base_model: nn.Module, directory) -> nn.Module:
     """Put the pruned layers saved by `save_pruned_base` into a plain base model (the one the run loaded),
     masks included; then load the adapter onto it (peft: `PeftModel.from_pretrained`, then
-    `mask_lora_updates` so LoRA's update keeps the zeros, as in training)."""
+    `peft.lora.mask_lora_updates` so LoRA's update keeps the zeros, as in training)."""
     from pathlib import Path
 
     from safetensors.torch import load_file

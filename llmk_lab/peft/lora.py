@@ -5,12 +5,14 @@ Trainable parameters: for every target linear d_in -> d_out, r * (d_in + d_out)
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
+from llmk_lab.compression.masks import MASK, mask_merged_updates, masked_update_forward
 from llmk_lab.errors import UserError, check
 from llmk_lab.architectures import architecture
 from llmk_lab.peft import PEFT, PeftStrategy, resolve_targets
@@ -39,6 +41,25 @@ class LoraConfig:
         check(self.alpha > 0, "alpha", self.alpha, "a positive number")
         check(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
         check(self.bias in ("none", "all", "lora_only"), "bias", self.bias, "one of ['none', 'all', 'lora_only']")
+
+
+# LoRA's update is s B A: over pruned weights the layer computes (W + s B A) * M, and merges to it.
+_masked_lora_forward = masked_update_forward(
+    lambda layer, name: (layer.lora_B[name].weight, layer.lora_A[name].weight, layer.scaling[name]))
+
+
+def mask_lora_updates(model) -> int:
+    """Route LoRA layers over pruned weights through the masked forward and the masked merge; returns how many.
+    `LoRA.apply` does it; so must whoever loads a pruned run's adapter onto its pruned base."""
+    from peft.tuners.lora import Linear as LoraLinear
+
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, LoraLinear) and hasattr(module.base_layer, MASK):
+            module.forward = types.MethodType(_masked_lora_forward, module)
+            mask_merged_updates(module)
+            patched += 1
+    return patched
 
 
 def wrap(model, config, key: str = "peft.target_modules"):
@@ -76,4 +97,6 @@ class LoRA(PeftLibraryStrategy):
             use_rslora=s.use_rslora,
             use_dora=s.use_dora, bias=s.bias,
         )
-        return wrap(model, config)
+        model = wrap(model, config)
+        mask_lora_updates(model)  # over pruned weights: the update keeps their zeros, in training and merged
+        return model
