@@ -224,7 +224,8 @@ LOGGER_KINDS = ("wandb", "tensorboard", "csv", "none")
 
 @dataclass
 class LoggerConfig:
-    # wandb | tensorboard | csv | none. A CSV log is always written to the run directory too.
+    # wandb | tensorboard | csv | none. Every kind but none also writes the per-step CSV log to the run
+    # directory (`csv/metrics.csv`); none writes no per-step log at all (metrics.json is always written).
     kind: str = "wandb"
     # Several trackers at once, e.g. `logger.kinds=[wandb,tensorboard]`; when non-empty
     # it replaces `kind`. TensorBoard event files go to `<run_dir>/tensorboard/`.
@@ -241,13 +242,20 @@ class LoggerConfig:
         check(self.kind in LOGGER_KINDS, "kind", self.kind, f"one of {list(LOGGER_KINDS)}")
         check(all(k in LOGGER_KINDS for k in self.kinds), "kinds", self.kinds,
               f"a list of entries from {list(LOGGER_KINDS)}")
+        check("none" not in self.kinds or set(self.kinds) == {"none"}, "kinds", self.kinds,
+              "either trackers to log to or [none], not both")
         check(self.mode in ("auto", "online", "offline", "disabled"), "mode", self.mode,
               "one of ['auto', 'online', 'offline', 'disabled']")
 
     @property
     def active(self) -> list[str]:
-        """The trackers this run writes to, besides the CSV log that is always written."""
+        """The trackers this run writes to, besides the CSV log."""
         return [k for k in dict.fromkeys(self.kinds or [self.kind]) if k not in ("csv", "none")]
+
+    @property
+    def csv(self) -> bool:
+        """Whether the per-step CSV log is written: with every kind but none."""
+        return (self.kinds or [self.kind]) != ["none"]
 
 
 @dataclass

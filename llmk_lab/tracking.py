@@ -1,4 +1,5 @@
-"""Experiment tracking: W&B (online when logged in, offline otherwise) and a CSV log in the run dir."""
+"""Experiment tracking: W&B (online when logged in, offline otherwise), TensorBoard, and a CSV log in the run dir
+(`logger=none`: none of them)."""
 from __future__ import annotations
 
 import logging
@@ -32,7 +33,7 @@ def wandb_mode(requested: str) -> str:
 
 
 def build_loggers(logger_cfg, run_dir: Path, run_name: str, group: Optional[str], config: dict[str, Any]) -> list[Logger]:
-    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    loggers: list[Logger] = [CSVLogger(save_dir=str(run_dir), name="csv", version="")] if logger_cfg.csv else []
     kinds = logger_cfg.active
     if "tensorboard" in kinds:
         from pytorch_lightning.loggers import TensorBoardLogger

@@ -50,6 +50,17 @@ def test_logger_options_compose_and_several_kinds_are_active_at_once():
         plan(compose_config(["logger.kinds=[wandb,tb]"]))
 
 
+def test_logger_none_writes_no_per_step_log_and_logger_csv_does(tmp_path, tiny):
+    for kind in ("csv", "none"):
+        overrides = [o for o in tiny if not o.startswith("logger=")] + STEPS + [f"logger={kind}"]
+        metrics = run_config(overrides, tmp_path / kind)
+        assert "test/acc" in metrics and (tmp_path / kind / "metrics.json").exists(), kind
+    assert (tmp_path / "csv" / "csv" / "metrics.csv").exists()
+    assert not (tmp_path / "none" / "csv").exists()
+    with pytest.raises(UserError, match=r"logger\.kinds=\['none', 'wandb'\].*\[none\], not both"):
+        plan(compose_config(["logger.kinds=[none,wandb]"]))
+
+
 def _epoch_values(run_dir, key: str) -> list[float]:
     import csv
 
