@@ -44,7 +44,7 @@ def job_name(overrides: list[str], sweep_dir: Optional[Path]) -> str:
 
 
 def config_fingerprint(cfg: DictConfig) -> str:
-    """Hash of the resolved config without run-directory specifics and run controls (resume flags)."""
+    """Hash of the resolved config without the run controls (`sweep.*`: resume flags, checkpoint timing)."""
     plain = OmegaConf.to_container(cfg, resolve=True)
     for key in CONTROL_KEYS:
         plain.pop(key, None)

@@ -15,7 +15,7 @@ from typing import Any
 SWEEP_FILE = "sweep.json"
 # Keys that say how to run a job, not what it computes: they neither name a
 # configuration nor change its fingerprint.
-CONTROL_KEYS = ("sweep", "run_dir")
+CONTROL_KEYS = ("sweep",)
 # Words in a metric's name that mean lower is better.
 LOWER_IS_BETTER = ("loss", "ppl", "perplexity", "error", "latency", "ms", "bytes", "kl")
 _DATE_DIR = re.compile(r"^\d{4}-\d{2}-\d{2}$")
