@@ -6,7 +6,7 @@ Both runs' `model/` exports are run on RUN_A's stored test inputs (`reference/te
 the runs' tokenizers differ, RUN_A's inputs are decoded to text and tokenised again for RUN_B), and:
 
 - agreement: share of identical predictions (classification: labels; NER: the tags of the words'
-  first sub-tokens; causal LM: windows whose mean NLL agrees to 1e-4), and mean KL(A || B) of the
+  first sub-tokens; causal and masked LM: windows whose mean NLL agrees to 1e-4), and mean KL(A || B) of the
   predicted distributions (classification, NER);
 - metric difference: B - A for every `test/*` metric both runs' `metrics.json` have;
 - size ratio: bytes of B's model weights over A's (dense saves: a pruned model's zeros still take
@@ -24,16 +24,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llmk_lab.errors import UserError
-from llmk_lab.export import INPUT_KEYS, finished_model_dir, load_reference, model_outputs, read_info
+from llmk_lab.export import (INPUT_KEYS, LM_TASKS, finished_model_dir, load_exported, load_reference, model_outputs,
+                             read_info)
 
 
 def _load(folder: Path, info: dict):
-    import torch
-    import transformers
     from transformers import AutoTokenizer
 
-    model = getattr(transformers, info["auto_class"]).from_pretrained(folder, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
+    return load_exported(folder, info), AutoTokenizer.from_pretrained(folder)
 
 
 def _inputs_for(tokenizer_a, tokenizer_b, inputs: dict, info_b: dict) -> dict:
@@ -48,17 +46,14 @@ def _inputs_for(tokenizer_a, tokenizer_b, inputs: dict, info_b: dict) -> dict:
 
 
 def _nonzero(model) -> tuple[int, int]:
-    import torch
+    from llmk_lab.measure import parameter_counts  # int8 weights count too, torch.ao's packed ones included
 
-    total = nonzero = 0
-    for param in model.parameters():
-        total += param.numel()
-        nonzero += int(torch.count_nonzero(param))
-    return nonzero, total
+    counts = parameter_counts(model)
+    return counts["nonzero"], counts["total"]
 
 
 def _weight_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin"))
+    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
 
 
 def _latency(models: dict, batches: dict, repeats: int) -> dict[str, float]:
@@ -84,7 +79,7 @@ def _agreement_and_kl(task: str, a, b, labels=None) -> dict[str, float]:
     import torch
     import torch.nn.functional as F
 
-    if task == "causal_lm":
+    if task in LM_TASKS:
         return {"agreement": float(torch.isclose(a, b, rtol=1e-4, atol=1e-5).double().mean()),
                 "perplexity_ratio": float(torch.exp(b.mean()) / torch.exp(a.mean()))}
     if task == "token_classification" and labels is not None:
@@ -123,7 +118,7 @@ def compare(run_a: Path, run_b: Path, repeats: int = 10, batch_size: int = 32) -
     result.update({"size/bytes_a": bytes_a, "size/bytes_b": bytes_b, "size/ratio": bytes_b / bytes_a,
                    "params/nonzero_a": nz_a, "params/nonzero_b": nz_b, "params/nonzero_ratio": nz_b / nz_a,
                    "params/total_a": total_a, "params/total_b": total_b})
-    batch_rows = 1 if task == "causal_lm" else batch_size
+    batch_rows = 1 if task in LM_TASKS else batch_size
     batches = {"a": {k: v[:batch_rows] for k, v in inputs_a.items() if k in INPUT_KEYS},
                "b": {k: v[:batch_rows] for k, v in inputs_b.items() if k in INPUT_KEYS}}
     seconds = _latency({"a": model_a, "b": model_b}, batches, repeats)

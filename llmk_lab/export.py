@@ -4,9 +4,14 @@ At the end of a run (`export.model=true`, the default) three things go into the 
 
 - `model/`: the final model as a plain Hugging Face folder (`from_pretrained`, no llmk_lab needed):
   the adapter merged where it can be, pruned structure and zeros kept, with the tokenizer and
-  `llmk_lab.json` (task, labels, the run's `data.max_length`). Written only when reloading it with
-  plain transformers reproduces the run's predictions; otherwise the reason goes to `metrics.json`
-  (`export/model`), e.g. int8 modules or adapters that transformers cannot rebuild.
+  `llmk_lab.json` (task, labels, the run's `data.max_length`, the folder's `format`). Written only
+  when reloading it reproduces the run's predictions; otherwise the reason goes to `metrics.json`
+  (`export/model`), e.g. adapters that transformers cannot rebuild. int8 models keep their int8 form:
+  torchao's tensors (`weight_only_int8`, `dynamic_int8` with `backend: torchao`) as transformers'
+  torchao format (`from_pretrained` with torchao installed); torch.ao's dynamic int8 modules
+  (`dynamic_int8`'s default backend), which transformers' format cannot hold, as their state dict
+  (`int8_state_dict.pt`) beside config.json, loaded by `load_exported` (three lines of plain torch
+  and transformers, in the README).
 - `reference/test.safetensors`: the run's own outputs on (up to `REFERENCE_EXAMPLES` of) its test
   split and the token ids they came from, so any later export (ONNX) or comparison is checked
   against the run with nothing but the run directory.
@@ -40,9 +45,17 @@ REFERENCE_FILE = Path("reference") / "test.safetensors"
 REFERENCE_EXAMPLES = 1000
 REFERENCE_WINDOWS = 16
 # Tasks whose outputs the reference stores and predictions are checked on.
-CHECKED_TASKS = ("sequence_classification", "token_classification", "causal_lm")
+CHECKED_TASKS = ("sequence_classification", "token_classification", "causal_lm", "masked_lm", "masked_lm_nsp")
+# Language-model tasks: the reference holds a few windows, each scored by its mean token NLL.
+LM_TASKS = ("causal_lm", "masked_lm", "masked_lm_nsp")
+MASKED_LM_TASKS = ("masked_lm", "masked_lm_nsp")
 ONNX_TASKS = ("sequence_classification",)
 INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
+# What `model/` holds (llmk_lab.json's `format`): how it loads.
+PLAIN = "transformers"                      # from_pretrained
+TORCHAO_INT8 = "transformers_torchao_int8"  # from_pretrained, with torchao installed
+TORCH_AO_INT8 = "torch_ao_dynamic_int8"     # from_config + quantize_dynamic + load_state_dict
+INT8_STATE_FILE = "int8_state_dict.pt"
 
 
 # ----------------------------------------------------------------------------- what the run predicted
@@ -52,7 +65,7 @@ def reference_inputs(task, tokenizer, examples: list[dict], limit: Optional[int]
     import torch
 
     if limit is None:
-        limit = REFERENCE_WINDOWS if task.registered_name == "causal_lm" else REFERENCE_EXAMPLES
+        limit = REFERENCE_WINDOWS if task.registered_name in LM_TASKS else REFERENCE_EXAMPLES
     examples = examples[:limit]
     if task.registered_name == "causal_lm":
         ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])
@@ -71,20 +84,29 @@ def reference_inputs(task, tokenizer, examples: list[dict], limit: Optional[int]
 
 
 def model_outputs(model, task_name: str, inputs: dict, batch_size: int = 64):
-    """Logits (classification, NER) or mean token NLL per window (causal LM), on CPU, in batches."""
+    """Logits (classification, NER) or mean token NLL per window (causal LM; masked LM: over its masked
+    tokens), on CPU, in batches."""
     import torch
 
     model = model.eval()
     device = next(model.parameters()).device
     feed = {k: v for k, v in inputs.items() if k in INPUT_KEYS}
-    if task_name == "causal_lm":
+    if task_name in LM_TASKS:
         batch_size = 1  # windows are long and the vocabulary large: one window's logits at a time
     outputs = []
     with torch.inference_mode():
         for start in range(0, len(feed["input_ids"]), batch_size):
             batch = {k: v[start:start + batch_size].to(device) for k, v in feed.items()}
-            logits = model(**batch).logits.float()
-            if task_name == "causal_lm":
+            out = model(**batch)
+            # BERT's pretraining heads (masked LM + NSP) call the token scores prediction_logits.
+            logits = (out.logits if "logits" in out else out["prediction_logits"]).float()
+            if task_name in MASKED_LM_TASKS:
+                labels = inputs["labels"][start:start + batch_size].to(device)
+                logits = logits[:, -labels.shape[1]:]
+                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                                                        reduction="none").sum(-1)
+                outputs.append((nll / (labels != -100).sum(-1).clamp_min(1)).double().cpu())
+            elif task_name == "causal_lm":
                 ids = batch["input_ids"]
                 logits = logits[:, -ids.shape[1]:]  # prompt tuning puts virtual tokens in front
                 nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
@@ -99,7 +121,7 @@ def agreement(task_name: str, ours, theirs, labels=None) -> dict[str, float]:
     """How far two models' outputs on the same inputs are apart: identical predictions, largest difference."""
     import torch
 
-    if task_name == "causal_lm":
+    if task_name in LM_TASKS:
         return {"agreement": float(torch.isclose(ours, theirs, rtol=1e-4, atol=1e-5).double().mean()),
                 "max_abs_diff": float((ours - theirs).abs().max())}
     same, gap = ours.argmax(-1) == theirs.argmax(-1), (ours - theirs).abs()
@@ -135,16 +157,23 @@ def load_reference(run_dir: Path) -> tuple[dict, Any]:
 # ----------------------------------------------------------------------------- sparsity
 
 def linear_sparsity(model) -> dict[str, Any]:
-    """Zero fraction of every `nn.Linear` weight and over all of them: pruning's zeros must survive a reload."""
+    """Zero fraction of every linear layer's weight and over all of them: pruning's zeros must survive a
+    reload. int8 layers count their stored int8 values (symmetric quantisation keeps a zero a zero)."""
     import torch
+
+    from llmk_lab.measure import stored_values
 
     per_layer, zeros, total = {}, 0, 0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):  # plain float weights: quantised models are not exported
-            weight = module.weight.detach()
-            z = int((weight == 0).sum())
-            per_layer[name] = z / weight.numel()
-            zeros, total = zeros + z, total + weight.numel()
+        if isinstance(module, torch.nn.Linear):  # torchao's int8 tensors stay inside nn.Linear
+            weight = stored_values(module.weight)
+        elif hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
+            weight = module.weight().int_repr()  # torch.ao's dynamic int8 Linear packs its weight
+        else:
+            continue
+        z = int((weight == 0).sum())
+        per_layer[name] = z / weight.numel()
+        zeros, total = zeros + z, total + weight.numel()
     return {"overall": zeros / total if total else 0.0, "per_layer": per_layer}
 
 
@@ -157,17 +186,126 @@ def task_info(task, data_cfg, extra: Optional[dict] = None) -> dict[str, Any]:
 
 
 def _not_exportable(model) -> Optional[str]:
-    """Why `from_pretrained` could not rebuild this model, or None."""
-    import torch
+    """Why this model cannot be saved as a transformers folder, or None."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
         return f"the final model is a {type(model).__name__}, not a transformers model (an adapter that is not merged)"
-    for name, module in model.named_modules():
-        if hasattr(module, "_packed_params") or any(type(p) not in (torch.Tensor, torch.nn.Parameter)
-                                                    for p in module.parameters(recurse=False)):
-            return f"{name} holds quantised weights, which save_pretrained/from_pretrained do not round-trip"
     return None
+
+
+def _torchao_weight(module):
+    import torch
+
+    weight = getattr(module, "weight", None)
+    return weight if isinstance(weight, torch.Tensor) and type(weight) not in (torch.Tensor, torch.nn.Parameter) \
+        else None
+
+
+def model_format(model) -> str:
+    """PLAIN, TORCHAO_INT8 or TORCH_AO_INT8: which of the folder forms holds this model."""
+    modules = list(model.modules())
+    if any(hasattr(m, "_packed_params") for m in modules):
+        return TORCH_AO_INT8
+    if any(_torchao_weight(m) is not None for m in modules):
+        return TORCHAO_INT8
+    return PLAIN
+
+
+def _save_torchao(model, dest: Path) -> None:
+    """transformers' own torchao format (safetensors + `quantization_config` in config.json), naming each
+    int8 layer with the torchao config that made it: `from_pretrained` rebuilds the same int8 tensors."""
+    from torchao.quantization import FqnToConfig, Int8DynamicActivationInt8WeightConfig, Int8WeightOnlyConfig
+    from transformers import TorchAoConfig
+    from transformers.quantizers.auto import AutoHfQuantizer
+
+    per_layer = {}
+    for name, module in model.named_modules():
+        weight = _torchao_weight(module)
+        if weight is None:
+            continue
+        if type(weight).__name__ != "Int8Tensor":
+            raise ValueError(f"{name} holds a {type(weight).__name__}; the export knows torchao's Int8Tensor")
+        # The two configs llmk_lab applies, with their defaults; an int8 tensor that quantises its
+        # activations carries their quantisation arguments. The reload check below confirms the pick.
+        dynamic = getattr(weight, "act_quant_kwargs", None) is not None
+        per_layer[name] = Int8DynamicActivationInt8WeightConfig() if dynamic else Int8WeightOnlyConfig()
+    config = TorchAoConfig(quant_type=FqnToConfig(per_layer))
+    before = (getattr(model.config, "quantization_config", None), getattr(model, "hf_quantizer", None))
+    model.config.quantization_config = config
+    model.hf_quantizer = AutoHfQuantizer.from_config(config, pre_quantized=False)
+    try:
+        model.save_pretrained(dest, safe_serialization=True)
+    finally:  # the run's copy stays as the figures measured it
+        model.config.quantization_config, model.hf_quantizer = before
+        if before[0] is None:
+            del model.config.quantization_config
+
+
+def _save_torch_ao(model, dest: Path) -> dict[str, Any]:
+    """torch.ao's dynamic int8 Linear has no transformers form: its state dict (int8 weights with their
+    scales, float rest) next to config.json; `load_exported` rebuilds the model around it."""
+    import torch
+
+    dest.mkdir(parents=True, exist_ok=True)
+    # The int8 layers themselves, not the packed-parameter holder each has inside.
+    names = [name for name, module in model.named_modules()
+             if hasattr(module, "_packed_params") and callable(getattr(module, "weight", None))]
+    kinds = {f"{type(model.get_submodule(n)).__module__}.{type(model.get_submodule(n)).__name__}" for n in names}
+    if kinds != {"torch.ao.nn.quantized.dynamic.modules.linear.Linear"}:
+        raise ValueError(f"quantised modules {sorted(kinds)}; the export knows torch.ao's dynamic Linear")
+    model.config.save_pretrained(dest)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(dest)
+    torch.save(model.state_dict(), dest / INT8_STATE_FILE)
+    return {"int8_modules": names}
+
+
+def save_model(model, dest: Path) -> dict[str, Any]:
+    """Write `model` to `dest` in its format; what `llmk_lab.json` must say to load it."""
+    kind = model_format(model)
+    extra: dict[str, Any] = {"format": kind}
+    if kind == TORCH_AO_INT8:
+        extra.update(_save_torch_ao(model, dest))
+    elif kind == TORCHAO_INT8:
+        _save_torchao(model, dest)
+    else:
+        model.save_pretrained(dest, safe_serialization=True)
+    return extra
+
+
+def load_exported(folder: Path, info: Optional[dict] = None, loading_info: bool = False):
+    """The model of a `model/` folder (eval mode, CPU), whatever its format; with `loading_info`, also the
+    weights that found no place or were missing (always none for the int8 state dict, loaded strictly)."""
+    import torch
+    import transformers
+
+    folder = Path(folder)
+    info = info or read_info(folder)
+    auto_class = getattr(transformers, info["auto_class"])
+    if info.get("format", PLAIN) == TORCH_AO_INT8:
+        import warnings
+
+        model = auto_class.from_config(transformers.AutoConfig.from_pretrained(folder))
+        # torch calls torch.ao.quantization and its quantised tensors deprecated; they are what the run used.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            torch.ao.quantization.quantize_dynamic(model, set(info["int8_modules"]), dtype=torch.qint8, inplace=True)
+            model.load_state_dict(torch.load(folder / INT8_STATE_FILE, weights_only=True))
+        model = model.eval()
+        return (model, []) if loading_info else model
+    if info.get("format") == TORCHAO_INT8:
+        try:
+            import torchao  # noqa: F401
+        except ImportError:
+            raise UserError(f"{folder} holds torchao int8 weights: loading them needs torchao "
+                            "(pip install torchao)") from None
+    model, loading = auto_class.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
+    model = model.eval()
+    if not loading_info:
+        return model
+    return model, sorted(set(loading.get("unexpected_keys", [])) | set(loading.get("missing_keys", [])))
 
 
 def export_model(ctx, strategy) -> dict[str, str]:
@@ -211,13 +349,16 @@ def _left_out(ctx, written: dict, reason: str) -> dict:
 
 
 def _write_model(ctx, strategy, ours, inputs) -> Optional[str]:
-    """Save the deployable model to `model/`, reload it with plain transformers and compare; the reason
-    it is not a faithful export, or None."""
-    import torch
-
+    """Save the deployable model to `model/`, reload it without llmk_lab and compare; the reason it is not
+    a faithful export, or None."""
     from llmk_lab.measure import deployed
+    from llmk_lab.training import pooling
 
-    task, dest = ctx.task, ctx.run_dir / MODEL_DIR
+    task, dest, train = ctx.task, ctx.run_dir / MODEL_DIR, ctx.settings.train
+    if pooling.enabled(train):
+        return (f"train.pooling={train.pooling!r} / train.layer_mix={train.layer_mix!r} give the model a "
+                "cross-layer head that no transformers class has (a plain model would predict with its own, "
+                "bypassed head); the Lightning checkpoint (export.checkpoint=true) holds it")
     final = deployed(ctx, strategy)  # the copy the figures measured (unmergeable: a plain copy)
     try:  # transformers' format has no cross-layer sharing: each block saves its own copy
         from llmk_lab.compression.weight_sharing import untie_shared_weights
@@ -228,13 +369,16 @@ def _write_model(ctx, strategy, ours, inputs) -> Optional[str]:
     reason = _not_exportable(final)
     if reason is not None:
         return reason
-    final.save_pretrained(dest, safe_serialization=True)
+    extra = save_model(final, dest)
     ctx.tokenizer.save_pretrained(dest)
     before = linear_sparsity(final)
-    (dest / INFO_FILE).write_text(json.dumps(task_info(task, ctx.settings.data, {
-        "linear_sparsity": before["overall"]}), indent=2) + "\n")
-    reloaded, loading = task.auto_class.from_pretrained(dest, dtype=torch.float32, output_loading_info=True)
-    unused = sorted(set(loading.get("unexpected_keys", [])) | set(loading.get("missing_keys", [])))
+    # eval_batch_size: torch.ao's dynamic int8 scales activations per batch, so a check reproduces the run's
+    # outputs exactly only in the test loader's batches (outputs_by_length).
+    info = task_info(task, ctx.settings.data, {"linear_sparsity": before["overall"],
+                                               "eval_batch_size": int(ctx.settings.train.eval_batch_size), **extra})
+    (dest / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    ctx.reports["export/model_format"] = info["format"]
+    reloaded, unused = load_exported(dest, info, loading_info=True)
     if unused:  # e.g. adapter modules inside the model: saved, but plain transformers has no place for them
         return (f"{len(unused)} weights do not load into plain {task.auto_class.__name__} "
                 f"(e.g. {unused[0]})")
@@ -290,15 +434,13 @@ def finished_model_dir(path: Path) -> Path:
 
 
 def check_model_dir(run_dir: Path) -> dict[str, float]:
-    """Reload `model/` with plain transformers and compare with the run's reference outputs."""
-    import torch
-    import transformers
-
+    """Reload `model/` without llmk_lab and compare with the run's reference outputs."""
     folder = finished_model_dir(run_dir)
     info = read_info(folder)
-    model = getattr(transformers, info["auto_class"]).from_pretrained(folder, dtype=torch.float32)
+    model = load_exported(folder, info)
     inputs, reference = load_reference(folder.parent)
-    figures = agreement(info["task"], reference, model_outputs(model, info["task"], inputs), inputs.get("labels"))
+    outputs = outputs_by_length(model, info["task"], inputs, info.get("eval_batch_size", 64))
+    figures = agreement(info["task"], reference, outputs, inputs.get("labels"))
     figures["sparsity"] = linear_sparsity(model)["overall"]
     figures["sparsity_recorded"] = info.get("linear_sparsity")
     return figures
@@ -313,6 +455,9 @@ def export_onnx(run_dir: Path, opset: int = 17) -> Path:
     info = read_info(folder)
     if info["task"] not in ONNX_TASKS:
         raise UserError(f"{run_dir}: ONNX export is for {', '.join(ONNX_TASKS)} runs; this one is {info['task']}")
+    if info.get("format", PLAIN) != PLAIN:
+        raise UserError(f"{run_dir}: ONNX export is of float models; this run's model/ is int8 ({info['format']}): "
+                        "export its float parent and quantise the graph with onnxruntime.quantization instead")
     model = getattr(transformers, info["auto_class"]).from_pretrained(folder, dtype=torch.float32).eval()
     model.config.return_dict = False  # a tuple output traces to a plain ONNX graph
     inputs, _ = load_reference(folder.parent)

@@ -6,6 +6,8 @@
     # classification: [{"label": "positive", "score": 0.93, "probabilities": {"negative": 0.07, "positive": 0.93}}]
     # NER:            [{"entities": [{"type": "person", "text": "Alice", "start": 0, "end": 5, "score": 0.88}]}]
     # causal LM:      [{"perplexity": 41.2, "tokens": 57}]; predictor.generate("To be", max_new_tokens=20)
+    # masked LM:      predictor.predict(["the film was [MASK]."]) -> [{"masks": [[{"token": "good", "score": 0.2},
+    #                 ...top_k]], "filled": "the film was good."}]
 
 Everything comes from the run directory's `model/` export (weights, tokenizer, `llmk_lab.json` with
 the task, labels and the run's `data.max_length`): no config files, no Hydra. A text longer than the
@@ -16,6 +18,9 @@ scores a long text in windows of that length instead, the run's protocol.
     python -m llmk_lab.predict RUN_DIR "some text" ["more text" ...]
     python -m llmk_lab.predict RUN_DIR --input texts.txt [--output predictions.jsonl]   # one text per line
     python -m llmk_lab.predict RUN_DIR "To be" --generate 20 [--sample --temperature 0.8 --seed 0]
+    python -m llmk_lab.predict RUN_DIR "the film was [MASK]." [--top-k 5]             # masked LM: fill-mask
+
+int8 folders (`format` in llmk_lab.json) load on CPU: their kernels are CPU kernels.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from llmk_lab.errors import UserError
-from llmk_lab.export import finished_model_dir, read_info
+from llmk_lab.export import PLAIN, finished_model_dir, load_exported, read_info
 
 log = logging.getLogger(__name__)
 
@@ -167,6 +172,38 @@ class TokenClassificationPredictor(Predictor):
                               max_length=self.max_length, padding=True, return_tensors="pt")
 
 
+class FillMaskPredictor(Predictor):
+    """The `top_k` likeliest tokens at every mask token of a text, and the text with the best ones filled in."""
+
+    top_k = 5
+
+    def predict_batch(self, texts):
+        import torch
+
+        mask = self.tokenizer.mask_token
+        for text in texts:
+            if mask not in text:
+                raise UserError(f"a masked-LM run fills {mask} tokens: {text[:40]!r} has none "
+                                f"(e.g. 'the film was {mask}.')")
+        batch = self._encode(texts)
+        with torch.inference_mode():
+            out = self.model(**{k: v.to(self.device) for k, v in batch.items()})
+        # BERT's pretraining heads (masked LM + NSP) call the token scores prediction_logits.
+        probabilities = (out.logits if "logits" in out else out["prediction_logits"]).float().cpu().softmax(-1)
+        results = []
+        for i, text in enumerate(texts):
+            positions = (batch["input_ids"][i] == self.tokenizer.mask_token_id).nonzero().flatten().tolist()
+            masks, filled = [], text
+            for position in positions:
+                scores, ids = probabilities[i, position].topk(self.top_k)
+                candidates = [{"token": self.tokenizer.decode([int(t)]).strip(), "score": float(p)}
+                              for p, t in zip(scores, ids)]
+                masks.append(candidates)
+                filled = filled.replace(mask, candidates[0]["token"], 1)
+            results.append({"masks": masks, "filled": filled})
+        return results
+
+
 class CausalLMPredictor(Predictor):
     def predict_batch(self, texts):
         return [self.perplexity(text) for text in texts]
@@ -219,25 +256,34 @@ class CausalLMPredictor(Predictor):
 
 
 PREDICTORS = {"sequence_classification": ClassificationPredictor,
-              "token_classification": TokenClassificationPredictor, "causal_lm": CausalLMPredictor}
+              "token_classification": TokenClassificationPredictor, "causal_lm": CausalLMPredictor,
+              "masked_lm": FillMaskPredictor, "masked_lm_nsp": FillMaskPredictor}
 
 
-def load(path: str | Path, device: Optional[str] = None, max_length: Optional[int] = None) -> Predictor:
-    """The predictor of a finished run directory or of its exported `model/` folder."""
-    import torch
-    import transformers
+def load(path: str | Path, device: Optional[str] = None, max_length: Optional[int] = None,
+         top_k: Optional[int] = None) -> Predictor:
+    """The predictor of a finished run directory or of its exported `model/` folder (`top_k`: masked LM's
+    candidates per mask, default 5)."""
     from transformers import AutoTokenizer
 
     folder = finished_model_dir(Path(path))
     info = read_info(folder)
     if info["task"] not in PREDICTORS:
         raise UserError(f"{path}: prediction supports {sorted(PREDICTORS)}; this run's task is {info['task']!r}")
-    auto_class = getattr(transformers, info["auto_class"])
-    model = auto_class.from_pretrained(folder, dtype=torch.float32)
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k={top_k} is not allowed: a positive integer")
+    int8 = info.get("format", PLAIN) != PLAIN
+    if int8 and device not in (None, "cpu"):
+        raise UserError(f"device={device!r} is not allowed for this run: its model/ is int8 ({info['format']}), "
+                        "which runs on cpu")
+    model = load_exported(folder, info)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return PREDICTORS[info["task"]](model, tokenizer, info, _device(device), max_length)
+    predictor = PREDICTORS[info["task"]](model, tokenizer, info, "cpu" if int8 else _device(device), max_length)
+    if top_k is not None:
+        predictor.top_k = top_k
+    return predictor
 
 
 # ----------------------------------------------------------------------------- command line
@@ -273,6 +319,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--top-k", type=int, help="masked LM: candidates per mask token (default 5)")
     args = parser.parse_args(argv)
     from llmk_lab.console import quiet_libraries
 
@@ -286,7 +333,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         texts = list(args.texts) + (_read_lines(args.input) if args.input else [])
         if not texts:
             raise UserError("nothing to predict: give texts after RUN_DIR or --input FILE")
-        predictor = load(args.run_dir, args.device, args.max_length)
+        predictor = load(args.run_dir, args.device, args.max_length, args.top_k)
         if args.generate is not None and not isinstance(predictor, CausalLMPredictor):
             raise UserError(f"--generate is for causal-LM runs; this run's task is {predictor.task!r}")
         if args.generate is not None:

@@ -100,13 +100,125 @@ def test_ner_export_agrees_on_every_tagged_word(tmp_path):
     assert metrics["export/model_sparsity_after"] == metrics["export/model_sparsity_before"] > 0
 
 
-def test_int8_model_is_not_exported_and_says_why(tmp_path):
-    run_config(FAST + topic_csv(tmp_path) + ["compression=dynamic_int8", "peft=full"], tmp_path / "run")
+# Loads model/ the way the README shows, in a process where importing llmk_lab fails: nothing of it is needed.
+PLAIN_LOAD = """
+import json, sys
+sys.modules["llmk_lab"] = None
+import torch
+from transformers import AutoConfig, AutoModelForSequenceClassification
+from safetensors.torch import load_file
+folder = sys.argv[1]
+info = json.load(open(folder + "/llmk_lab.json"))
+if info["format"] == "torch_ao_dynamic_int8":
+    model = AutoModelForSequenceClassification.from_config(AutoConfig.from_pretrained(folder))
+    torch.ao.quantization.quantize_dynamic(model, set(info["int8_modules"]), dtype=torch.qint8, inplace=True)
+    model.load_state_dict(torch.load(folder + "/int8_state_dict.pt"))
+else:
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+model.eval()
+reference = load_file(sys.argv[2])
+keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in reference]
+labels = []
+with torch.inference_mode():
+    for i in range(len(reference["input_ids"])):  # one unpadded example at a time
+        n = int(reference["attention_mask"][i].sum())
+        labels.append(int(model(**{k: reference[k][i:i + 1, :n] for k in keys}).logits.argmax(-1)))
+print(json.dumps({"labels": labels, "weight": type(model.bert.encoder.layer[0].attention.self.query).__name__}))
+"""
+
+
+def plain_labels(run_dir) -> dict:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", PLAIN_LOAD, str(run_dir / "model"),
+                             str(run_dir / "reference" / "test.safetensors")], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def pruned_lora_int8_run(tmp_path_factory):
+    """Magnitude pruning 50 %, LoRA merged, then torch.ao dynamic int8 (dynamic_int8's default backend)."""
+    root = tmp_path_factory.mktemp("pruned_lora_int8")
+    overrides = FAST + topic_csv(root) + ["compression=chain", "peft=lora", "train.max_epochs=2",
+                                          "measure.latency_batch_sizes=[]",
+                                          "compression.steps=[{method: magnitude, sparsity: 0.5},"
+                                          " {method: dynamic_int8}]"]
+    run_config(overrides, root / "run")
+    return root / "run", overrides
+
+
+def test_int8_model_round_trips_in_int8_with_its_zeros(pruned_lora_int8_run):
+    from llmk_lab.data import load_data
+    from llmk_lab.predict import load
+    from llmk_lab.run import plan
+    from tests.conftest import compose_config
+
+    run_dir, overrides = pruned_lora_int8_run
+    metrics = read_metrics(run_dir)
+    assert metrics["export/model"] == str(run_dir / "model"), metrics["export/model"]
+    assert metrics["export/model_format"] == export.TORCH_AO_INT8
+    # the int8 layers reload as int8: the state dict holds int8 weights, no float copy of them
+    assert (run_dir / "model" / export.INT8_STATE_FILE).exists()
+    assert not list((run_dir / "model").glob("*.safetensors"))
+    assert metrics["export/model_agreement"] == 1.0 and metrics["export/model_max_abs_diff"] == 0.0
+    # the pruned zeros survive merging, quantising and reloading: about half of the block linears' int8 values
+    assert metrics["export/model_sparsity_after"] == metrics["export/model_sparsity_before"] > 0.4
+    model = export.load_exported(run_dir / "model")
+    assert type(model.bert.encoder.layer[0].attention.self.query).__module__.startswith("torch.ao.nn.quantized")
+    assert export.linear_sparsity(model)["overall"] == metrics["export/model_sparsity_before"]
+    # the command-line check batches as the test stage did: the same outputs exactly
+    figures = export.check_model_dir(run_dir)
+    assert figures["agreement"] == 1.0 and figures["max_abs_diff"] == 0.0
+    # plain torch + transformers, without llmk_lab, as the README shows: the run's labels
+    _, reference = export.load_reference(run_dir)
+    loaded = plain_labels(run_dir)
+    assert loaded["weight"] == "Linear" and loaded["labels"] == reference.argmax(-1).tolist()
+    # and the predictor (on CPU: the int8 kernels are CPU kernels) gives the run's labels on its test texts
+    texts = [e["text"] for e in load_data(plan(compose_config(overrides)).settings.data).splits["test"]]
+    predictor = load(run_dir)
+    assert predictor.device == "cpu"
+    labels = [predictor.labels.index(r["label"]) for r in predictor.predict(texts, batch_size=16)]
+    assert labels == reference.argmax(-1).tolist()
+    with pytest.raises(UserError, match="device='cuda' is not allowed for this run: its model/ is int8"):
+        load(run_dir, device="cuda")
+
+
+def test_int8_model_is_refused_for_onnx_in_one_line(pruned_lora_int8_run):
+    with pytest.raises(UserError, match="ONNX export is of float models; this run's model/ is int8"):
+        export.export_onnx(pruned_lora_int8_run[0])
+
+
+@pytest.mark.parametrize("compression", [["compression=weight_only_int8"],
+                                         pytest.param(["compression=dynamic_int8", "compression.backend=torchao"],
+                                                      marks=pytest.mark.slow)])
+def test_torchao_int8_model_reloads_with_from_pretrained(tmp_path, compression):
+    run_config(FAST + topic_csv(tmp_path) + compression + ["peft=full", "measure.latency_batch_sizes=[]"],
+               tmp_path / "run")
     metrics = read_metrics(tmp_path / "run")
-    assert metrics["export/model"].startswith("not written:") and "quantised" in metrics["export/model"]
+    assert metrics["export/model_format"] == export.TORCHAO_INT8, metrics["export/model"]
+    assert metrics["export/model_agreement"] == 1.0 and metrics["export/model_max_abs_diff"] == 0.0
+    assert metrics["export/model_sparsity_after"] == metrics["export/model_sparsity_before"]
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "torchao"
+    _, reference = export.load_reference(tmp_path / "run")
+    assert plain_labels(tmp_path / "run")["labels"] == reference.argmax(-1).tolist()
+
+
+def test_pooled_head_is_not_exported_and_says_why(tmp_path):
+    """A cross-layer head is no part of a transformers class: model/ is left out up front, with that reason
+    (not a reload that disagrees), and the run's own test outputs are still kept."""
+    run_config(FAST + topic_csv(tmp_path) + ["compression=none", "peft=full", "train.pooling=mean",
+                                             "train.layer_mix=scalar_mix"], tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    reason = metrics["export/model"]
+    assert reason.startswith("not written: train.pooling='mean' / train.layer_mix='scalar_mix'"), reason
+    assert "cross-layer head" in reason and "agreed" not in reason
+    assert "export/model_agreement" not in metrics
     assert not (tmp_path / "run" / "model").exists()
-    with pytest.raises(UserError, match="no model/ export"):
-        export.finished_model_dir(tmp_path / "run")
+    assert (tmp_path / "run" / "reference" / "test.safetensors").exists()
 
 
 def test_unfinished_and_failed_run_directories_are_refused(tmp_path):
@@ -119,6 +231,34 @@ def test_unfinished_and_failed_run_directories_are_refused(tmp_path):
     (tmp_path / "failed" / "failed.json").write_text(json.dumps({"error": "loss diverged"}))
     with pytest.raises(UserError, match="the run failed \\(loss diverged\\)"):
         export.finished_model_dir(tmp_path / "failed")
+
+
+def _bad_run_dirs(tmp_path) -> dict:
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "config.yaml").write_text("seed: 1\n")
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "failed.json").write_text(json.dumps({"error": "loss diverged"}))
+    (tmp_path / "stopped").mkdir()
+    (tmp_path / "stopped" / "metrics.json").write_text(json.dumps({"failed_stage": "export", "error": "MemoryError"}))
+    return {"missing": (tmp_path / "missing", "no such run directory"),
+            "incomplete": (tmp_path / "half", "not a finished run directory"),
+            "failed": (tmp_path / "failed", "the run failed (loss diverged)"),
+            "stopped": (tmp_path / "stopped", "the run stopped in stage 'export'")}
+
+
+@pytest.mark.parametrize("case", ["missing", "incomplete", "failed", "stopped"])
+@pytest.mark.parametrize("command", ["export", "export --onnx", "compare", "predict"])
+def test_bad_run_directory_is_one_line_and_exit_2_in_every_command(tmp_path, capsys, case, command):
+    from llmk_lab import compare, predict
+
+    path, message = _bad_run_dirs(tmp_path)[case]
+    main, args = {"export": (export.main, [str(path)]), "export --onnx": (export.main, [str(path), "--onnx"]),
+                  "compare": (compare.main, [str(path), str(path)]),
+                  "predict": (predict.main, [str(path), "some text"])}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
 
 
 def test_compare_two_runs_on_the_same_inputs(pruned_lora_run, tmp_path, capsys):

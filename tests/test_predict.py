@@ -153,3 +153,54 @@ def test_a_run_without_a_model_export_is_refused(tmp_path):
     run_config(FAST + topic_csv(tmp_path) + ["compression=none", "peft=prefix"], tmp_path / "run")
     with pytest.raises(UserError, match="no model/ export"):
         load(tmp_path / "run")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-length", "100000"], "max_length=100000 is not allowed: the model has 128 positions"),
+    (["--batch-size", "0"], "--batch-size=0 is not allowed"),
+    (["--generate", "5"], "--generate is for causal-LM runs"),
+    (["--top-k", "0"], "top_k=0 is not allowed"),
+])
+def test_bad_options_are_one_line_and_exit_2(classification_run, capsys, args, message):
+    from llmk_lab import predict
+
+    run_dir, texts = classification_run
+    assert predict.main([str(run_dir), texts[0], *args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
+
+
+def test_masked_lm_fills_masks_and_its_export_is_checked(tmp_path):
+    import math
+
+    import torch
+    from transformers import AutoModelForMaskedLM
+
+    data = [arg for arg in topic_csv(tmp_path) if not arg.startswith("data.test_size=")]
+    overrides = FAST + data + ["data.test_size=10", "compression=none", "peft=full", "data.task=masked_lm",
+                               "train.max_epochs=2", "train.lr=5e-3"]
+    run_config(overrides, tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["export/model_agreement"] == 1.0 and metrics["export/model_max_abs_diff"] < 1e-6
+    # the reference keeps each test window's mean NLL over its masked tokens: together, the run's perplexity
+    inputs, reference = export.load_reference(tmp_path / "run")
+    counts = (inputs["labels"] != -100).sum(-1)
+    assert len(reference) == len(counts) < export.REFERENCE_WINDOWS  # every test window is in the reference
+    pooled = float((reference * counts).sum() / counts.sum())
+    assert math.exp(pooled) == pytest.approx(metrics["test/perplexity"], rel=1e-4)
+    predictor = load(tmp_path / "run", top_k=3)
+    mask = predictor.tokenizer.mask_token
+    [result] = predictor.predict([f"the {mask} played a {mask} guitar"])
+    assert len(result["masks"]) == 2 and all(len(candidates) == 3 for candidates in result["masks"])
+    scores = [c["score"] for c in result["masks"][0]]
+    assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1
+    assert mask not in result["filled"] and result["masks"][1][0]["token"] in result["filled"]
+    # the best candidate is the plain model's own top token at that position
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "run" / "model").eval()
+    batch = predictor.tokenizer([f"the {mask} played a {mask} guitar"], return_tensors="pt")
+    with torch.inference_mode():
+        logits = model(**batch).logits[0]
+    first = int((batch["input_ids"][0] == predictor.tokenizer.mask_token_id).nonzero()[0])
+    assert result["masks"][0][0]["token"] == predictor.tokenizer.decode([int(logits[first].argmax())]).strip()
+    with pytest.raises(UserError, match=r"a masked-LM run fills \[MASK\] tokens: 'no mask here' has none"):
+        predictor.predict(["no mask here"])
