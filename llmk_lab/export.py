@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llmk_lab.errors import UserError
-from llmk_lab.reference import outputs_by_length, run_outputs
+from llmk_lab.reference import check_subset, outputs_by_length, run_outputs
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,11 @@ REFERENCE_FILE = Path("reference") / "test.safetensors"
 # causal LM: windows, each scored by its mean token NLL.
 REFERENCE_EXAMPLES = 1000
 REFERENCE_WINDOWS = 16
+# Reference examples the run checks the reloaded model/ on: whole test batches spread over the lengths
+# (`reference.check_subset`), one evaluation batch by default. The stored reference keeps them all, and
+# `python -m llmk_lab.export RUN_DIR` checks every one; in the run, a pass over all of them would cost as
+# much as the test stage itself.
+CHECK_EXAMPLES = 128
 # Tasks whose outputs the reference stores and predictions are checked on.
 CHECKED_TASKS = ("sequence_classification", "token_classification", "causal_lm", "masked_lm", "masked_lm_nsp")
 # Language-model tasks: the reference holds a few windows, each scored by its mean token NLL.
@@ -56,6 +61,10 @@ PLAIN = "transformers"                      # from_pretrained
 TORCHAO_INT8 = "transformers_torchao_int8"  # from_pretrained, with torchao installed
 TORCH_AO_INT8 = "torch_ao_dynamic_int8"     # from_config + quantize_dynamic + load_state_dict
 INT8_STATE_FILE = "int8_state_dict.pt"
+# The largest |output difference| an export may show, relative to 1 + the largest |output| of the run.
+OUTPUT_TOLERANCE = 1e-3
+ADAPTER_DIR = "adapter"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name; the trained-tensors form uses it too
 
 
 # ----------------------------------------------------------------------------- what the run predicted
@@ -388,16 +397,178 @@ def _write_model(ctx, strategy, ours, inputs) -> Optional[str]:
     if after["overall"] != before["overall"]:
         return f"its linear-layer sparsity changed on reloading ({before['overall']:.4f} -> {after['overall']:.4f})"
     if ours is not None:
-        theirs = outputs_by_length(reloaded, task.registered_name, inputs, ctx.settings.train.eval_batch_size)
-        figures = agreement(task.registered_name, ours, theirs, inputs.get("labels"))
+        batch_size = ctx.settings.train.eval_batch_size
+        picked = check_subset(inputs, batch_size, CHECK_EXAMPLES)
+        if picked is not None:
+            inputs, ours = {k: v[picked] for k, v in inputs.items()}, ours[picked]
+        ctx.reports["export/model_checked_examples"] = len(ours)
+        theirs = outputs_by_length(reloaded, task.registered_name, inputs, batch_size)
+        figures, reason = compare_outputs(task.registered_name, ours, theirs, inputs.get("labels"))
         ctx.reports.update({f"export/model_{k}": v for k, v in figures.items()})
-        if figures["agreement"] < 1.0:
-            return f"reloaded, it agreed with the run on {figures['agreement']:.1%} of test predictions"
-        scale = 1.0 + float(ours.abs().max())
-        if figures["max_abs_diff"] > 1e-3 * scale:  # same labels can hide a model that lost a part
-            return (f"reloaded, its outputs differ from the run's by up to {figures['max_abs_diff']:.3g} "
-                    "(same labels, different model)")
+        return reason
     return None
+
+
+def compare_outputs(task_name: str, ours, theirs, labels=None) -> tuple[dict[str, float], Optional[str]]:
+    """`agreement` of an export's outputs with the run's, and why the export does not reproduce the run (None
+    when it does): every prediction the same, and no output further than OUTPUT_TOLERANCE from the run's."""
+    figures = agreement(task_name, ours, theirs, labels)
+    if figures["agreement"] < 1.0:
+        return figures, f"reloaded, it agreed with the run on {figures['agreement']:.1%} of test predictions"
+    scale = 1.0 + float(ours.abs().max())
+    if figures["max_abs_diff"] > OUTPUT_TOLERANCE * scale:  # same labels can hide a model that lost a part
+        return figures, (f"reloaded, its outputs differ from the run's by up to {figures['max_abs_diff']:.3g} "
+                         "(same labels, different model)")
+    return figures, None
+
+
+# ----------------------------------------------------------------------------- the adapter alone
+
+def export_adapter(ctx, strategy) -> dict[str, str]:
+    """Write `adapter/` where, loaded without llmk_lab onto the base the run started from, it reproduces the
+    run: what the strategy trained (peft's folder, or the trained tensors of the model's own parameters), the
+    pruned base layers beside it where the run pruned, the tokenizer and `llmk_lab.json` (task, labels, the
+    base, its `from_pretrained` arguments, `format`). Checked as model/ is: loaded as the README shows
+    (`load_adapter_folder`), it must give the run's outputs on the test reference (`export/adapter_agreement`,
+    `export/adapter_max_abs_diff`). Where it cannot, no adapter/ is left and `export/adapter` in metrics.json
+    says `skipped: <why>`, decided before anything is written where the run's settings tell
+    (`adapter_refusal`), else by the check. A run never fails because of it."""
+    dest = ctx.run_dir / ADAPTER_DIR
+    reason = adapter_refusal(ctx, strategy)
+    decided_up_front = reason is not None
+    if reason is None:
+        try:
+            reason = _write_adapter(ctx, strategy, dest)
+        except Exception as err:  # noqa: BLE001  (an adapter that cannot be reloaded does not reproduce the run)
+            reason = f"saving or reloading it failed ({_one_line(err)})"
+    if reason is not None:
+        if dest.is_dir():
+            shutil.rmtree(dest)
+        ctx.reports["export/adapter"] = f"skipped: {reason}"
+        # A refusal by design is part of the method; one found by the check is a surprise worth a warning.
+        (log.info if decided_up_front else log.warning)("no adapter/ export: %s", reason)
+        return {}
+    from llmk_lab.compression.masks import PRUNED_BASE
+
+    ctx.reports["export/adapter"] = str(dest)
+    written = {"adapter": str(dest)}
+    if (dest / PRUNED_BASE).exists():
+        written["adapter_pruned_base"] = str(dest / PRUNED_BASE)
+    return written
+
+
+def adapter_refusal(ctx, strategy) -> Optional[str]:
+    """Why the adapter, loaded without llmk_lab onto the base `from_pretrained` gives (and the pruned layers saved
+    beside it), would not be the run's model, from what the strategy, the compression methods and the settings
+    declare; None when nothing says so (the check after writing it still decides)."""
+    from llmk_lab.compression import build_methods
+    from llmk_lab.training import pooling
+
+    settings, task = ctx.settings, ctx.task
+    reason = strategy.adapter_refusal(ctx.model)
+    if reason is not None:
+        return f"peft.method={strategy.registered_name!r}: {reason}"
+    if settings.model.from_config is not None:
+        return ("the base model was built from model.from_config (random weights that only this run had); an "
+                "adapter needs a base that from_pretrained loads (model.name_or_path)")
+    for method in build_methods(settings.compression or {"method": "none"}):
+        if method.adapter_export_refusal:
+            return f"compression.method={method.registered_name!r}: {method.adapter_export_refusal}"
+    if pooling.enabled(settings.train):
+        return (f"train.pooling={settings.train.pooling!r} / train.layer_mix={settings.train.layer_mix!r} give the "
+                "model a cross-layer head that no transformers class has")
+    if task.registered_name not in CHECKED_TASKS:
+        return f"the {task.registered_name} task keeps no test reference to check it against"
+    # A weight the checkpoint lacked was drawn at random in this run; unless it trained (and is saved with the
+    # adapter), another load of the base draws another one.
+    held = _trained_names(ctx.model)
+    lost = [name for name in _base_origin(ctx).get("newly_initialised", []) if name not in held]
+    if lost:
+        return (f"the base checkpoint has no {lost[0]} ({len(lost)} tensors in all): the run initialised it at "
+                "random, and it did not train, so it is not in the adapter and another load would draw another")
+    return None
+
+
+def _trained_names(model) -> set[str]:
+    """The plain model's names of the parameters that trained (peft's copy of a trained head under its own)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {name.replace(".modules_to_save.default", "").replace(".base_layer", "")
+            for name, param in base.named_parameters() if param.requires_grad}
+
+
+def _base_origin(ctx) -> dict[str, Any]:
+    """Where the run's model came from, as its manifest records it (`models.load_model`)."""
+    manifest = json.loads((ctx.run_dir / "manifest.json").read_text())
+    return manifest["assets"]["model"]
+
+
+def _write_adapter(ctx, strategy, dest: Path) -> Optional[str]:
+    """Save the adapter with what loading it needs, reload it as the README shows and compare with the run's
+    test outputs; why it does not reproduce the run, or None."""
+    from llmk_lab.compression.masks import PRUNED_BASE, save_pruned_base
+
+    task, model, model_cfg = ctx.task, ctx.model, ctx.settings.model
+    if not strategy.save_adapter(model, dest):
+        return f"peft.method={strategy.registered_name!r} saved nothing"
+    # Named as in the plain model (no peft wrapping): `load_state_dict` of the base takes them as they are.
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    pruned = save_pruned_base(base, dest)
+    ctx.tokenizer.save_pretrained(dest)
+    # The label names are `labels`: through JSON id2label's integer keys would come back as strings, and
+    # from_pretrained keeps an argument's keys as they are.
+    kwargs: dict[str, Any] = {k: v for k, v in task.model_kwargs().items() if k not in ("id2label", "label2id")}
+    # load_model gives a base without a pad token the tokenizer's (causal LMs); classification heads read it.
+    if getattr(base.config, "pad_token_id", None) is not None:
+        kwargs["pad_token_id"] = base.config.pad_token_id
+    if model_cfg.revision is not None:
+        kwargs["revision"] = model_cfg.revision
+    if model_cfg.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    origin = _base_origin(ctx)
+    info = task_info(task, ctx.settings.data, {
+        "format": strategy.adapter_format, "base_model": origin["resolved"],
+        "base_model_configured": origin.get("name_or_path"), "base_kwargs": kwargs,
+        "pruned_base": PRUNED_BASE if pruned else None})
+    (dest / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    ctx.reports["export/adapter_format"] = info["format"]
+    inputs = reference_inputs(task, ctx.tokenizer, ctx.datamodule.splits["test"])
+    ours, _ = run_outputs(ctx, inputs)  # the test stage's outputs where it kept them (export.model=true)
+    reloaded = load_adapter_folder(dest, info)
+    theirs = outputs_by_length(reloaded, task.registered_name, inputs, ctx.settings.train.eval_batch_size)
+    figures, reason = compare_outputs(task.registered_name, ours, theirs, inputs.get("labels"))
+    ctx.reports.update({f"export/adapter_{k}": v for k, v in figures.items()})
+    return reason
+
+
+def load_adapter_folder(folder: Path, info: Optional[dict] = None):
+    """The model of an `adapter/` folder on its base (eval mode, CPU), loaded the way the README shows, with
+    transformers, peft and safetensors only: the base from `from_pretrained`, its pruned layers put in place,
+    then the adapter (peft) or the trained tensors (`load_state_dict`)."""
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    info = info or read_info(folder)
+    model = getattr(transformers, info["auto_class"]).from_pretrained(info["base_model"], dtype=torch.float32,
+                                                                      **info["base_kwargs"])
+    if info["pruned_base"]:  # the masks saved beside the weights are for llmk_lab's own loader
+        tensors = load_file(str(folder / info["pruned_base"]))
+        _load_into(model, {k: v for k, v in tensors.items() if k.endswith(".weight")}, folder / info["pruned_base"])
+    if info["format"] == "peft":  # llmk_lab.peft.PEFT_FOLDER, spelled out as in the README's lines
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, folder)
+    else:
+        _load_into(model, load_file(str(folder / ADAPTER_WEIGHTS)), folder / ADAPTER_WEIGHTS)
+    return model.eval()
+
+
+def _load_into(model, tensors: dict, source: Path) -> None:
+    unexpected = model.load_state_dict(tensors, strict=False).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{source}: {len(unexpected)} tensors have no place in {type(model).__name__} "
+                         f"(e.g. {unexpected[0]})")
 
 
 # ----------------------------------------------------------------------------- checks from the command line

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from llmk_lab.compression import AS_LOADED, CompressionMethod, build_methods
 from llmk_lab.compression.weight_sharing import untie_shared_weights
-from llmk_lab.compression.masks import PRUNED_BASE, MaskKeeper, masked_linears, save_pruned_base, sparsity_report
+from llmk_lab.compression.masks import MaskKeeper, masked_linears, sparsity_report
 from llmk_lab.config import RunConfig
 from llmk_lab.context import RunContext
 from llmk_lab.data import load_data
@@ -152,11 +152,10 @@ def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict
         path = run_dir / "checkpoints" / "last.ckpt"
         trainer.save_checkpoint(path)
         written["checkpoint"] = str(path)
-    if settings.export.adapter and strategy.save_adapter(ctx.model, run_dir / "adapter"):
-        written["adapter"] = str(run_dir / "adapter")
-        # The adapter trained over the pruned base: that base's pruned layers go with it (load_pruned_base).
-        if save_pruned_base(ctx.model, run_dir / "adapter"):
-            written["adapter_pruned_base"] = str(run_dir / "adapter" / PRUNED_BASE)
+    if settings.export.adapter:
+        from llmk_lab.export import export_adapter  # adapter/ where it reproduces the run, checked like model/
+
+        written.update(export_adapter(ctx, strategy))
     if settings.export.merged:
         merged = deployed(ctx, strategy)  # plan() refused export.merged for unmergeable strategies
         # transformers' format has no cross-layer sharing: each block saves its own copy of a shared weight.

@@ -301,3 +301,159 @@ def test_an_export_that_would_lose_the_adapter_is_left_out_with_the_reason(tmp_p
     assert "do not load into plain" in metrics["export/model"] or "differ" in metrics["export/model"]
     assert not (tmp_path / "run" / "model").exists()
     assert (tmp_path / "run" / "reference" / "test.safetensors").exists()
+
+
+# ----------------------------------------------------------------------------- the adapter alone
+
+# Loads adapter/ folders the way the README shows, in a process where importing llmk_lab fails.
+PLAIN_ADAPTER_LOAD = """
+import json, sys
+sys.modules["llmk_lab"] = None
+import torch, transformers
+from peft import PeftModel
+from safetensors.torch import load_file
+results = []
+for folder in sys.argv[1:]:
+    info = json.load(open(f"{folder}/llmk_lab.json"))
+    model = getattr(transformers, info["auto_class"]).from_pretrained(info["base_model"], dtype=torch.float32,
+                                                                      **info["base_kwargs"])
+    if info["pruned_base"]:  # the pruned layers the adapter trained over
+        pruned = load_file(f"{folder}/{info['pruned_base']}")
+        assert not model.load_state_dict({k: v for k, v in pruned.items() if k.endswith(".weight")},
+                                         strict=False).unexpected_keys
+    if info["format"] == "peft":
+        model = PeftModel.from_pretrained(model, folder)
+    else:  # trained_tensors: the model's own parameters that trained
+        assert not model.load_state_dict(load_file(f"{folder}/adapter_model.safetensors"), strict=False).unexpected_keys
+    model.eval()
+    reference = load_file(f"{folder}/../reference/test.safetensors")
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in reference]
+    labels = []
+    with torch.inference_mode():
+        for i in range(len(reference["input_ids"])):  # one unpadded example at a time
+            n = int(reference["attention_mask"][i].sum())
+            labels.append(int(model(**{k: reference[k][i:i + 1, :n] for k in keys}).logits.argmax(-1)))
+    results.append(labels)
+print(json.dumps(results))
+"""
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    """A tiny BERT encoder (no task head) saved as a folder: a base that from_pretrained loads again."""
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("base") / "tiny_bert"
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapter_runs(tmp_path_factory, base_dir):
+    """Runs on the saved base whose adapters reproduce them: LoRA unpruned (peft's folder), BitFit and prompt
+    tuning over a 50 % pruned base (trained tensors; peft's folder, the pruned layers beside each)."""
+    root = tmp_path_factory.mktemp("adapters")
+    on_base = FAST + topic_csv(root) + [f"model.name_or_path={base_dir}", "model.from_config=null"]
+    cases = {"lora": ["compression=none", "peft=lora"],
+             "pruned_bitfit": ["compression=magnitude", "compression.sparsity=0.5", "peft=bitfit"],
+             "pruned_prompt": ["compression=magnitude", "compression.sparsity=0.5", "peft=prompt",
+                               "peft.num_virtual_tokens=4"]}
+    for name, extra in cases.items():
+        run_config(on_base + extra + ["train.lr=1e-2"], root / name)
+    return {name: root / name for name in cases}
+
+
+@pytest.mark.parametrize("case, form", [("lora", "peft"), ("pruned_bitfit", "trained_tensors"),
+                                        ("pruned_prompt", "peft")])
+def test_adapter_reloaded_on_its_base_predicts_as_the_run(adapter_runs, case, form):
+    from llmk_lab.compression.masks import PRUNED_BASE
+
+    run_dir = adapter_runs[case]
+    metrics = read_metrics(run_dir)
+    folder = run_dir / "adapter"
+    assert metrics["export/adapter"] == str(folder) and metrics["exports"]["adapter"] == str(folder)
+    assert metrics["export/adapter_format"] == form
+    assert metrics["export/adapter_agreement"] == 1.0 and metrics["export/adapter_max_abs_diff"] < 1e-5
+    assert (folder / PRUNED_BASE).exists() == case.startswith("pruned")
+    # the run's own check, repeated: the loader gives the run's test outputs
+    inputs, reference = export.load_reference(run_dir)
+    outputs = export.model_outputs(export.load_adapter_folder(folder), "sequence_classification", inputs)
+    assert torch.equal(outputs.argmax(-1), reference.argmax(-1))
+    assert float((outputs - reference).abs().max()) < 1e-5
+
+
+def test_adapters_load_as_the_readme_shows_without_llmk_lab(adapter_runs):
+    import subprocess
+    import sys
+
+    folders = [str(adapter_runs[case] / "adapter") for case in ("lora", "pruned_bitfit", "pruned_prompt")]
+    result = subprocess.run([sys.executable, "-c", PLAIN_ADAPTER_LOAD, *folders], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    for case, plain in zip(("lora", "pruned_bitfit", "pruned_prompt"), loaded):
+        _, reference = export.load_reference(adapter_runs[case])
+        assert plain == reference.argmax(-1).tolist(), case
+
+
+def test_pruned_lora_adapter_is_skipped_up_front_with_its_reason(pruned_lora_run):
+    """Plain peft computes W * M + s B A, not the trained (W + s B A) * M: no adapter/ is shipped, and the
+    reason is the masked update, decided before anything was written or reloaded."""
+    metrics = read_metrics(pruned_lora_run)
+    reason = metrics["export/adapter"]
+    assert reason.startswith("skipped: peft.method='lora': its update over the pruned weights is masked"), reason
+    assert "export/adapter_agreement" not in metrics and "adapter" not in metrics["exports"]
+    assert not (pruned_lora_run / "adapter").exists()
+    assert metrics["export/model_agreement"] == 1.0  # model/ holds the run's model
+
+
+def test_an_adapter_that_disagrees_with_the_run_is_removed_with_the_reason(tmp_path, base_dir, monkeypatch):
+    """Without the up-front refusal, the pruned LoRA adapter is written, reloaded with plain peft over the
+    pruned base, found to differ from the run, and removed (lr 1e-2 makes the masked-away update large)."""
+    from llmk_lab.peft.lora import LoRA
+
+    monkeypatch.setattr(LoRA, "masks_its_update", False)
+    run_config(FAST + topic_csv(tmp_path) + [f"model.name_or_path={base_dir}", "model.from_config=null",
+                                             "compression=magnitude", "compression.sparsity=0.5", "peft=lora",
+                                             "train.max_epochs=2", "train.lr=1e-2"], tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    reason = metrics["export/adapter"]
+    assert reason.startswith("skipped: reloaded, its outputs differ from the run's"), reason
+    assert metrics["export/adapter_max_abs_diff"] > 1e-3
+    assert not (tmp_path / "run" / "adapter").exists() and "adapter" not in metrics["exports"]
+
+
+@pytest.fixture(scope="module")
+def base_without_pooler(tmp_path_factory):
+    """The tiny BERT encoder saved without its pooler: a run on it draws the pooler at random."""
+    from transformers import BertConfig, BertModel
+
+    path = tmp_path_factory.mktemp("base") / "no_pooler"
+    BertModel(BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=128), add_pooling_layer=False).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("base, overrides, reason", [
+    (None, ["peft=adapter"], "skipped: peft.method='adapter': bottleneck adapters are llmk_lab modules"),
+    (None, ["peft=full"], "skipped: peft.method='full': it trains the model's own weights"),
+    (None, ["peft=lora"], "skipped: the base model was built from model.from_config"),
+    ("base_dir", ["peft=ia3", "compression=weight_sharing"],
+     "skipped: compression.method='weight_sharing': its blocks share one set of weights"),
+    ("base_without_pooler", ["peft=lora"], "skipped: the base checkpoint has no bert.pooler.dense."),
+])
+def test_adapters_that_cannot_reproduce_the_run_are_refused_up_front(tmp_path, request, monkeypatch, base,
+                                                                     overrides, reason):
+    from llmk_lab import export as export_module
+
+    def never(*args):
+        raise AssertionError("a refused adapter is not written")
+
+    monkeypatch.setattr(export_module, "_write_adapter", never)
+    on_base = [f"model.name_or_path={request.getfixturevalue(base)}", "model.from_config=null"] if base else []
+    run_config(FAST + topic_csv(tmp_path) + ["compression=none", *on_base, *overrides], tmp_path / "run")
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["export/adapter"].startswith(reason), metrics["export/adapter"]
+    assert not (tmp_path / "run" / "adapter").exists()

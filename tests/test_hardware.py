@@ -388,7 +388,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process_with_the_same_effective_ba
     run_dir = tmp_path / "two" / "run"
     # One run directory holding everything once; the other rank wrote only its log there.
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["run"]
-    assert (run_dir / "adapter" / "adapter_config.json").exists() and (run_dir / "rank_1.log").exists()
+    assert (run_dir / "model" / "llmk_lab.json").exists() and (run_dir / "rank_1.log").exists()
     assert list((tmp_path / "scratch").glob("llmk_lab-rank*")) == []  # its scratch folder is gone
     log = (run_dir / "llmk_lab.log").read_text()
     assert "all 2 processes hold the same model" in log  # masks and adapters identical before training

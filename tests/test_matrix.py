@@ -148,11 +148,12 @@ def test_6_parameter_counts_include_packed_int8_weights():
 
 
 def test_7_the_adapter_of_a_pruned_run_reproduces_it_on_the_pruned_base(tmp_path):
+    """IA3 over pruned weights: its adapter on the pruned base is the run's model. (A pruned LoRA run ships no
+    adapter: its masked update is not what plain peft computes; tests/test_export.py.)"""
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
     from llmk_lab.compression.masks import load_pruned_base
-    from llmk_lab.peft.lora import mask_lora_updates
     from tests.test_compression_methods import INPUT
 
     from transformers import BertConfig, BertForSequenceClassification
@@ -161,7 +162,7 @@ def test_7_the_adapter_of_a_pruned_run_reproduces_it_on_the_pruned_base(tmp_path
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=128, num_labels=2)
     BertForSequenceClassification(config).save_pretrained(tmp_path / "base")
-    run_fast(["compression=magnitude", "compression.sparsity=0.5", "peft=lora", "export.merged=true",
+    run_fast(["compression=magnitude", "compression.sparsity=0.5", "peft=ia3", "export.merged=true",
               f"model.name_or_path={tmp_path / 'base'}", "model.from_config=null"], tmp_path / "run")
     batch = {**INPUT, "attention_mask": torch.ones_like(INPUT["input_ids"])}
     merged = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "merged").eval()
@@ -172,9 +173,7 @@ def test_7_the_adapter_of_a_pruned_run_reproduces_it_on_the_pruned_base(tmp_path
         base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
         if restore:
             load_pruned_base(base, adapter)
-        model = PeftModel.from_pretrained(base, adapter)
-        mask_lora_updates(model)
-        return model.eval()(**batch).logits
+        return PeftModel.from_pretrained(base, adapter).eval()(**batch).logits
 
     restored = float((with_adapter(restore=True) - expected).abs().max())
     assert restored < 1e-5

@@ -40,6 +40,10 @@ class CompressionMethod:
     merged_export_refusal: Optional[str] = None
     # Whether the method changes weights while they train (it needs a PEFT strategy that trains them).
     prunes_while_training: bool = False
+    # Why an adapter trained on this method's model, loaded onto the base `from_pretrained` gives (with the
+    # pruned layers saved beside it), would not be the run's model, or None when it would: the adapter export
+    # is then left out with this reason before anything is written (`export.export_adapter`).
+    adapter_export_refusal: Optional[str] = None
 
     def __init__(self, settings: Any):
         self.settings = settings

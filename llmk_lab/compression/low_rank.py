@@ -65,6 +65,8 @@ class LowRank(CompressionMethod):
     merged_export_refusal = ("each factorised layer is two linears, which no transformers architecture has, so "
                              "from_pretrained would rebuild dense random layers in their place; use "
                              "export.checkpoint=true")
+    adapter_export_refusal = ("it replaces block linears with pairs of factors, which the base from_pretrained "
+                              "loads does not have")
 
     def refusal_with(self, strategy):
         # With explicit peft.target_modules (e.g. the factors, `...query.0`) the strategy does not look for roles.

@@ -42,7 +42,7 @@ def is_quantized(model: nn.Module) -> bool:
 
 def quantizable_linears(model: nn.Module, target_modules: Optional[Any], key: str) -> dict[str, nn.Linear]:
     """Targeted linears; null targets every nn.Linear but LoRA's factors (merged away first), a head that
-    a PEFT wrapper trains and saves with the adapter (kept float so the adapter export stays plain tensors),
+    a PEFT wrapper holds as a trained copy beside the original it stands in for (both kept float),
     and an output layer tied to the input embeddings (an int8 copy would store the embeddings twice)."""
     if target_modules is not None:
         return target_linears(model, target_modules, key)
@@ -57,8 +57,8 @@ def quantizable_linears(model: nn.Module, target_modules: Optional[Any], key: st
 
 
 def merge_adapter_in_place(model: nn.Module) -> None:
-    """Fold a PEFT adapter into the base weights, keeping the wrapper so adapter export still works
-    (masked LoRA layers merge their masked update, so pruned weights stay zero; weights shared across
+    """Fold a PEFT adapter into the base weights, keeping the wrapper, which the strategy's merge unwraps
+    later (`measure.deployable`; masked LoRA layers merge their masked update, so pruned weights stay zero; weights shared across
     blocks are untied first, so each block's update lands in its own copy)."""
     from llmk_lab.compression.weight_sharing import untie_shared_weights
 
@@ -93,9 +93,12 @@ class WeightOnlyInt8Config:
 
 class PostTrainingQuantization(CompressionMethod):
     dense_reference = FINE_TUNED  # before_fit only checks; the weights change after training
-    merged_export_refusal = ("its int8 layers are not a checkpoint that transformers' from_pretrained reloads as "
-                             "such; the run's metrics measure the int8 model, and the adapter export holds the "
-                             "float update")
+    merged_export_refusal = ("merged/ is a float checkpoint and the run's model is int8; model/ (export.model=true, "
+                             "the default) holds the int8 model: torchao's int8 in transformers' torchao format "
+                             "(from_pretrained), torch.ao's dynamic int8 as its state dict beside config.json")
+    adapter_export_refusal = ("it quantises the model after fit, the adapter merged in first: the run measured the "
+                              "int8 model, and the adapter on the float base is the float model before that "
+                              "(model/ holds the int8 model)")
 
     def before_fit(self, ctx) -> None:
         # Checked before training so a doomed run costs nothing.

@@ -194,6 +194,8 @@ def with_fitted_head(model: nn.Module, task, batches: list[dict]) -> nn.Module:
 
 @COMPRESSION.register("structured", config=StructuredConfig)
 class StructuredPruning(CompressionMethod):
+    adapter_export_refusal = ("it removes heads, feed-forward neurons or blocks, so the adapter fits a smaller model "
+                              "than the base from_pretrained loads (model/ holds the shrunk model)")
 
     def refusal_with(self, strategy):
         if self.settings.head_ratio > 0 and strategy.registered_name == "prefix":

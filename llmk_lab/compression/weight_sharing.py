@@ -14,8 +14,8 @@ A shared weight trains once, but a per-block update on top of it (LoRA,
 AdaLoRA, IA3) is different in every block: merging folds each block's update
 into its own copy of the weight (`untie_shared_weights` first), never all of
 them into the one shared tensor. A merged export therefore stores every block's
-weights (transformers' format has no cross-layer sharing); the adapter export
-keeps the shared base.
+weights (transformers' format has no cross-layer sharing). No `adapter/` is
+written: the base anyone loads with `from_pretrained` shares nothing.
 """
 from __future__ import annotations
 
@@ -95,6 +95,8 @@ def untie_shared_weights(model: nn.Module, adapted_only: bool = False) -> int:
 
 @COMPRESSION.register("weight_sharing", config=WeightSharingConfig)
 class WeightSharing(CompressionMethod):
+    adapter_export_refusal = ("its blocks share one set of weights, and in the base from_pretrained loads each "
+                              "block has its own (model/ holds the trained model, every block's weights stored)")
 
     @torch.no_grad()
     def before_fit(self, ctx) -> None:

@@ -26,6 +26,10 @@ class PeftStrategy:
     # Whether the strategy finds its layers by their roles in a transformer block (q/k/v/o, feed-forward):
     # compression that replaces those layers by something else (low_rank's factor pairs) leaves it none.
     finds_layers_by_role: bool = False
+    # How the folder `save_adapter` writes loads without llmk_lab onto the base the run started from:
+    # PEFT_FOLDER (peft's `PeftModel.from_pretrained`), TRAINED_TENSORS (the trained parameters of the model's
+    # own modules: `load_state_dict` into the base), or None (it does not; `adapter_refusal` says why).
+    adapter_format: Optional[str] = None
 
     def __init__(self, settings: Any):
         self.settings = settings
@@ -46,6 +50,13 @@ class PeftStrategy:
         """Save only what was trained; False when there is nothing separate to save."""
         return False
 
+    def adapter_refusal(self, model: nn.Module) -> Optional[str]:
+        """Why the adapter of trained `model`, loaded without llmk_lab onto the run's base, would not be
+        `model` (the adapter export is then left out with this reason, before anything is written), or None."""
+        if self.adapter_format is None:
+            return "it trains the model's own weights and keeps no separate adapter (model/ holds the model)"
+        return None
+
     def merged(self, model: nn.Module) -> nn.Module:
         """A plain transformers model with the update folded in (may modify `model`)."""
         if not self.mergeable:
@@ -57,6 +68,10 @@ class PeftStrategy:
 
 
 PEFT: Registry[PeftStrategy] = Registry("peft")
+
+# The forms of `adapter/` (`PeftStrategy.adapter_format`, and the `format` in its llmk_lab.json).
+PEFT_FOLDER = "peft"
+TRAINED_TENSORS = "trained_tensors"
 
 
 def head_parameter_names(model: nn.Module, task) -> list[str]:

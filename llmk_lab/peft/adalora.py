@@ -143,6 +143,7 @@ class RankAllocation(pl.Callback):
 
 @PEFT.register("adalora", config=AdaLoraConfig)
 class AdaLoRA(PeftLibraryStrategy):
+    masks_its_update = True
     def apply(self, model, ctx):
         s = self.settings
         config = PeftAdaLoraConfig(

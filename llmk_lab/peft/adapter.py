@@ -117,6 +117,11 @@ class BottleneckAdapters(PeftStrategy):
         return save_trained_tensors(model, directory, {"peft_type": "BOTTLENECK_ADAPTER",
                                                        **vars(self.settings)})
 
+    def adapter_refusal(self, model):
+        # The tensors reload only into a model that `load_adapter` has given the adapters first.
+        return ("bottleneck adapters are llmk_lab modules (forward hooks on the output projections) that neither "
+                "peft nor transformers rebuild; the Lightning checkpoint (export.checkpoint=true) holds them")
+
 
 def load_adapter(model: nn.Module, directory, settings: AdapterConfig) -> nn.Module:
     """Rebuild a model exported by `peft=adapter`: the base model, adapters inserted, trained tensors loaded."""

@@ -15,7 +15,7 @@ from peft import get_peft_model
 from llmk_lab.compression.masks import MASK, mask_merged_updates, masked_update_forward
 from llmk_lab.errors import UserError, check
 from llmk_lab.architectures import architecture
-from llmk_lab.peft import PEFT, PeftStrategy, resolve_targets
+from llmk_lab.peft import PEFT, PEFT_FOLDER, PeftStrategy, resolve_targets
 
 
 @dataclass
@@ -50,7 +50,8 @@ _masked_lora_forward = masked_update_forward(
 
 def mask_lora_updates(model) -> int:
     """Route LoRA layers over pruned weights through the masked forward and the masked merge; returns how many.
-    `LoRA.apply` does it; so must whoever loads a pruned run's adapter onto its pruned base."""
+    `LoRA.apply` does it. Plain peft does not, which is why a pruned LoRA run ships no adapter/ (model/ has
+    the masked update merged)."""
     from peft.tuners.lora import Linear as LoraLinear
 
     patched = 0
@@ -74,12 +75,22 @@ def wrap(model, config, key: str = "peft.target_modules"):
 
 
 class PeftLibraryStrategy(PeftStrategy):
-    finds_layers_by_role = True  # LoRA, AdaLoRA and IA3 adapt the block linears (prefix/prompt say otherwise)
     """A strategy whose model is a peft `PeftModel`: saved with `save_pretrained`, merged by peft."""
+    finds_layers_by_role = True  # LoRA, AdaLoRA and IA3 adapt the block linears (prefix/prompt say otherwise)
+    adapter_format = PEFT_FOLDER
+    # Whether its update over a pruned layer is masked (`masked_update_forward`), which plain peft does not do.
+    masks_its_update = False
 
     def save_adapter(self, model, directory):
         model.save_pretrained(directory, safe_serialization=True)
         return True
+
+    def adapter_refusal(self, model):
+        if self.masks_its_update and any(hasattr(m, "lora_A") and hasattr(getattr(m, "base_layer", None), MASK)
+                                         for m in model.modules()):
+            return ("its update over the pruned weights is masked, (W + s*B*A) * M, and plain peft computes "
+                    "W * M + s*B*A, another model; model/ holds the run's model (the masked update merged)")
+        return None
 
     def merged(self, model):
         if not self.mergeable:
@@ -89,6 +100,7 @@ class PeftLibraryStrategy(PeftStrategy):
 
 @PEFT.register("lora", config=LoraConfig)
 class LoRA(PeftLibraryStrategy):
+    masks_its_update = True
     def apply(self, model, ctx):
         s = self.settings
         config = PeftLoraConfig(

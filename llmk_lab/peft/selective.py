@@ -9,11 +9,14 @@ from dataclasses import dataclass
 
 from llmk_lab.architectures import architecture
 from llmk_lab.errors import UserError, check
-from llmk_lab.peft import (PEFT, PeftStrategy, head_parameter_names, save_trained_tensors, train_only,
-                           transformer_layers)
+from llmk_lab.peft import (PEFT, TRAINED_TENSORS, PeftStrategy, head_parameter_names, save_trained_tensors,
+                           train_only, transformer_layers)
 
 
 class SubsetStrategy(PeftStrategy):
+    # The trained tensors carry the plain model's own parameter names: `load_state_dict` puts them in place.
+    adapter_format = TRAINED_TENSORS
+
     def save_adapter(self, model, directory):
         return save_trained_tensors(model, directory, {"peft_type": self.registered_name.upper(),
                                                        **vars(self.settings)})
