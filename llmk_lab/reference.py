@@ -156,3 +156,23 @@ def outputs_by_length(model, task_name: str, inputs: dict, batch_size: int = 64)
         else:
             result[rows] = out
     return result
+
+
+def check_subset(inputs: dict, batch_size: int, examples: int) -> Optional["torch.Tensor"]:
+    """Indices of whole batches of the reference, as `outputs_by_length` groups them (by length, which is
+    how the test loader grouped them: a model whose outputs depend on the rest of the batch, e.g. dynamic
+    int8 activation scales, is checked on the very batches it was tested on), holding at least `examples`
+    examples spread over the length order (the middle batch of each of as many equal stretches); None
+    when that is every batch."""
+    import torch
+
+    n = len(inputs["input_ids"])
+    mask = inputs.get("attention_mask")
+    padded = mask is not None and not bool(mask.all())
+    order = torch.argsort(mask.sum(-1), stable=True) if padded else torch.arange(n)
+    batches = list(torch.split(order, batch_size))
+    wanted = -(-examples // batch_size)
+    if wanted >= len(batches):
+        return None
+    picked = [batches[int((i + 0.5) * len(batches) / wanted)] for i in range(wanted)]
+    return torch.sort(torch.cat(picked)).values

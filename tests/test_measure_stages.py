@@ -33,6 +33,7 @@ def test_one_deployable_copy_serves_sparsity_size_latency_and_both_exports(tmp_p
     assert (tmp_path / "merged").is_dir() and metrics["export/merged_max_logit_diff"] < 1e-4
     # The budget the latency figures were measured on is part of them.
     assert (metrics["latency/repeats"], metrics["latency/warmup"], metrics["latency/batch_sizes"]) == (2, 1, [2])
+    assert metrics["latency/bs2/tokens"] >= 2
     for stage in ("evaluate", "sparsity", "compression_figures", "export"):
         assert metrics[f"time/{stage}_s"] >= 0
     assert 0 < metrics["time/fit_s"] < metrics["wall_time_s"]
@@ -47,3 +48,22 @@ def test_measure_disabled_keeps_only_the_task_metric(tmp_path, tiny, monkeypatch
     assert not calls  # no merged copy, and no dense reference compared with
     assert "sparsity/after_merge" not in metrics and "measure/reference" not in metrics
     assert not any(k.startswith(("size/", "latency/", "throughput/", "fidelity/")) for k in metrics)
+
+
+def test_latency_batch_is_a_typical_evaluation_batch():
+    """Consecutive examples of the evaluation order (by length) around its middle: a batch as evaluation
+    forms it, not the first test examples padded to the longest of them."""
+    from llmk_lab.measure import _fixed_batch
+
+    class Data:
+        splits = {"test": [{"input_ids": [1] * n} for n in (9, 1, 5, 3, 7, 2, 8)]}
+
+        def eval_order(self, split):
+            examples = self.splits[split]
+            return sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+
+        def collate(self, chosen):
+            return {"lengths": [len(e["input_ids"]) for e in chosen]}
+
+    assert _fixed_batch(Data(), 3)["lengths"] == [3, 5, 7]
+    assert _fixed_batch(Data(), 9)["lengths"] == [1, 2, 3, 5, 7, 8, 9, 1, 2]  # cycled when the split is smaller

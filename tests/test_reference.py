@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmk_lab import export
-from llmk_lab.reference import FROM_TEST_STAGE, RecordedTestOutputs, outputs_by_length
+from llmk_lab.reference import FROM_TEST_STAGE, RecordedTestOutputs, check_subset, outputs_by_length
 from tests.conftest import read_metrics, run_config
 
 PRUNED = ["compression=magnitude", "compression.sparsity=0.5", "data.limit_train=32", "train.batch_size=8",
@@ -144,3 +144,23 @@ def test_token_outputs_are_compared_where_a_tag_is_read():
     assert export.agreement("token_classification", ours, theirs, labels) == {"agreement": 1.0, "max_abs_diff": 0.0}
     theirs[0, 0] += 0.5
     assert export.agreement("token_classification", ours, theirs, labels)["max_abs_diff"] == pytest.approx(0.5)
+
+
+def test_check_subset_is_whole_test_batches_spread_over_the_lengths():
+    lengths = [5, 1, 9, 3, 7, 2, 8, 4, 6, 10, 11]
+    inputs = _padded(lengths, width=12)
+    order = torch.argsort(inputs["attention_mask"].sum(-1), stable=True)  # how the loader and the check group
+    batches = [set(b.tolist()) for b in torch.split(order, 3)]  # 4 batches of lengths 1-3, 4-6, 7-9, 10-11
+    picked = set(check_subset(inputs, batch_size=3, examples=6).tolist())
+    assert picked == batches[1] | batches[3]  # of each half of the batches, its middle one, whole
+    assert set(check_subset(inputs, batch_size=3, examples=1).tolist()) == batches[2]
+    assert check_subset(inputs, batch_size=3, examples=10) is None  # every batch: no subset
+
+
+def test_the_run_checks_model_on_a_budget_of_whole_test_batches(tmp_path, tiny, monkeypatch):
+    monkeypatch.setattr(export, "CHECK_EXAMPLES", 8)
+    metrics = run_config(tiny + PRUNED + ["train.eval_batch_size=8"], tmp_path)
+    assert metrics["export/model_checked_examples"] == 8 and metrics["export/model_agreement"] == 1.0
+    _, reference = export.load_reference(tmp_path)
+    assert len(reference) == 32  # the stored reference keeps every test example; the command checks them all
+    assert export.check_model_dir(tmp_path)["agreement"] == 1.0
