@@ -9,8 +9,11 @@ and why.
     python -m llmk_lab.matrix --markdown          # the README's table (from plan() alone, no training)
     python -m llmk_lab.matrix --run [--task T]    # run every cell and print passed / refused / failed
 
-The quick-tier test (`tests/test_matrix.py`) runs every cell and checks the
-invariants; the README test checks that the README holds `--markdown`'s table.
+    python -m llmk_lab.matrix --run --quick       # only the quick tier's cells (`quick_cells`)
+
+The quick tier (`tests/test_matrix.py`) runs `quick_cells`: for each task a few cells that between them
+run every compression method and every PEFT strategy; the full suite runs the other cells too. Both check
+the invariants; the README test checks that the README holds `--markdown`'s table.
 """
 from __future__ import annotations
 
@@ -96,6 +99,39 @@ def cells(tasks: Optional[list[str]] = None) -> list[Cell]:
     return out
 
 
+def quick_cells(tasks: Optional[list[str]] = None) -> list[Cell]:
+    """The quick tier's cells. The full task: one cell for each compression method and one for each PEFT
+    strategy; a method is paired with a strategy not yet picked, then with the least picked one, taking a pair
+    that `plan()` refuses only when the method runs with nothing else (so every method that can run does). The
+    sliced tasks share their slices out: each compression method (under the slice's PEFT strategy) and each
+    PEFT strategy (over the slice's pruning method) runs on one of them, in turn."""
+    tasks = tasks or list(TASKS)
+    compressions, pefts = registered()
+    chosen: list[Cell] = []
+    if FULL_TASK in tasks:
+        pool = cells([FULL_TASK])
+        uses: dict[str, int] = {}
+
+        def pick(options: list[Cell], partner) -> None:
+            options = sorted(options, key=lambda c: uses.get(partner(c), 0))  # stable: registry order on ties
+            cell = next((c for c in options if refusals(c)[1] is None), options[0])
+            chosen.append(cell)
+            for name in (cell.compression, cell.peft):
+                uses[name] = uses.get(name, 0) + 1
+
+        for compression in compressions:
+            pick([c for c in pool if c.compression == compression], lambda c: c.peft)
+        for peft in pefts:
+            if not uses.get(peft):
+                pick([c for c in pool if c.peft == peft and c not in chosen], lambda c: c.compression)
+    sliced = [t for t in tasks if t != FULL_TASK]
+    if sliced:
+        shared = [Cell(sliced[i % len(sliced)], c, SLICE_PEFT) for i, c in enumerate(compressions)]
+        shared += [Cell(sliced[(i + 1) % len(sliced)], SLICE_COMPRESSION, p) for i, p in enumerate(pefts)]
+        chosen += list(dict.fromkeys(shared))
+    return chosen
+
+
 _HYDRA_OPEN = False
 
 
@@ -139,15 +175,48 @@ def refusal(cell: Cell, merged: bool) -> Optional[str]:
     return None
 
 
-def refusals(cell: Cell) -> tuple[Optional[str], Optional[str]]:
-    """(refusal with both exports, refusal with the adapter export only), composing the cell once."""
+# Cell -> (its config with the exports it runs with, refusal with both exports, refusal with the adapter export
+# only): composing a config is a good part of a small cell's cost, and choosing the quick cells, the README
+# table and the run all ask for the same ones.
+_PLANNED: dict[Cell, tuple[Any, Optional[str], Optional[str]]] = {}
+_COMPOSED: dict[Cell, Any] = {}
+
+
+def _composed(cell: Cell) -> Any:
+    if cell not in _COMPOSED:
+        _COMPOSED[cell] = compose(cell.overrides(True))
+    return _COMPOSED[cell]
+
+
+def cell_config(cell: Cell):
+    """The cell's config (both exports on), as `compose(cell.overrides(True))` gives it, joined from three
+    compositions: the task's (with the slice's pair), the compression method's and the PEFT strategy's (each on
+    the full task). The two groups' files and tiny settings set only their own node, whatever the task, so
+    the 209 cells take 27 compositions (`tests/test_matrix.py` checks the joined configs against composed ones)."""
+    import copy
+
+    from omegaconf import open_dict
+
+    cfg = copy.deepcopy(_composed(Cell(cell.task, SLICE_COMPRESSION, SLICE_PEFT)))
+    with open_dict(cfg):
+        if cell.compression != SLICE_COMPRESSION:
+            cfg.compression = copy.deepcopy(_composed(Cell(FULL_TASK, cell.compression, SLICE_PEFT)).compression)
+        if cell.peft != SLICE_PEFT:
+            cfg.peft = copy.deepcopy(_composed(Cell(FULL_TASK, SLICE_COMPRESSION, cell.peft)).peft)
+    return cfg
+
+
+def planned(cell: Cell) -> tuple[Any, Optional[str], Optional[str]]:
+    """(config, refusal with both exports, refusal with the adapter export only), composing the cell once."""
     from omegaconf import open_dict
 
     from llmk_lab.errors import UserError
     from llmk_lab.run import plan
 
-    cfg = compose(cell.overrides(True))
-    found = []
+    if cell in _PLANNED:
+        return _PLANNED[cell]
+    cfg = cell_config(cell)
+    found: list[Optional[str]] = []
     for merged in (True, False):
         with open_dict(cfg):
             cfg.export.merged = merged
@@ -157,8 +226,17 @@ def refusals(cell: Cell) -> tuple[Optional[str], Optional[str]]:
         except UserError as err:
             found.append(str(err))
         if found[0] is None:
-            return None, None
-    return found[0], found[1]
+            with open_dict(cfg):
+                cfg.export.merged = True
+            found.append(None)
+            break
+    _PLANNED[cell] = (cfg, found[0], found[1])
+    return _PLANNED[cell]
+
+
+def refusals(cell: Cell) -> tuple[Optional[str], Optional[str]]:
+    """(refusal with both exports, refusal with the adapter export only)."""
+    return planned(cell)[1:]
 
 
 @dataclass
@@ -227,7 +305,7 @@ def run_cell(cell: Cell, workdir: Path, reference_totals: Optional[dict] = None)
     from llmk_lab.run import run
 
     try:
-        merged_refusal, first = refusals(cell)
+        cfg, merged_refusal, first = planned(cell)
     except Exception as err:  # noqa: BLE001 - a config that does not compose is the cell's result
         line = str(err).splitlines()[0] if str(err) else ""
         return Outcome(cell, "failed", f"does not compose: {type(err).__name__}: {line}")
@@ -239,7 +317,7 @@ def run_cell(cell: Cell, workdir: Path, reference_totals: Optional[dict] = None)
     capture = _Capture()
     try:
         with capture.installed():
-            metrics = run(compose(cell.overrides(merged)), run_dir)
+            metrics = run(cfg, run_dir)
     except UserError as err:
         if capture.frozen_count is None and not (run_dir / "metrics.json").exists():
             # Refused while the model was set up, before training: a property of the model's architecture
@@ -346,22 +424,45 @@ def merged_gap(ctx, merged_dir: Path) -> tuple[float, float]:
     return float((trained - exported).abs().max()), float(trained.abs().max())
 
 
-def run_matrix(tasks: Optional[list[str]] = None, workdir: Optional[Path] = None, echo=None) -> list[Outcome]:
-    """Every cell, in order; the compression=none cells run first so quantised cells have their reference."""
+class _ReferenceTotals(dict):
+    """params/total of each (task, PEFT strategy) without compression, which a quantised cell's count must
+    equal; a reference that is not among the cells being run (a subset of the matrix) is run when asked for."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def record(self, outcome: Outcome, root: Path) -> None:
+        cell = outcome.cell
+        if cell.compression == "none" and outcome.status.startswith("passed"):
+            metrics = json.loads((root / cell.name.replace("/", "__") / "metrics.json").read_text())
+            self[(cell.task, cell.peft)] = metrics.get("params/total")
+
+    def get(self, key, default=None):
+        if key not in self:
+            self[key] = None  # asked once: a reference that fails gives no figure to compare with
+            self.record(run_cell(Cell(key[0], "none", key[1]), self.root), self.root)
+        return super().get(key, default)
+
+
+def run_matrix(tasks: Optional[list[str]] = None, workdir: Optional[Path] = None, echo=None,
+               selection: Optional[list[Cell]] = None) -> list[Outcome]:
+    """Every cell of `tasks` (or the cells in `selection`), in order; the compression=none cells run first so
+    quantised cells have their reference."""
     import logging
 
     for name in ("pytorch_lightning", "lightning_fabric", "llmk_lab", "transformers", "peft"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    order = sorted(cells(tasks), key=lambda c: (list(TASKS).index(c.task), c.compression != "none"))
-    outcomes, totals = [], {}
+    chosen = selection if selection is not None else cells(tasks)
+    order = sorted(chosen, key=lambda c: (list(TASKS).index(c.task), c.compression != "none"))
+    outcomes = []
     with contextlib.ExitStack() as stack:
         stack.enter_context(hydra_session())
         root = Path(workdir) if workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        totals = _ReferenceTotals(root / "references")
         for cell in order:
             outcome = run_cell(cell, root, totals)
-            if cell.compression == "none" and outcome.status.startswith("passed") and outcome.checks is not None:
-                metrics = json.loads((root / cell.name.replace("/", "__") / "metrics.json").read_text())
-                totals[(cell.task, cell.peft)] = metrics.get("params/total")
+            totals.record(outcome, root)
             outcomes.append(outcome)
             if echo:
                 echo(outcome.line())
@@ -414,6 +515,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--write-readme", type=Path, help="replace the table in this README")
     parser.add_argument("--run", action="store_true", help="run every cell and print its outcome")
     parser.add_argument("--task", action="append", choices=list(TASKS), help="only this task (repeatable)")
+    parser.add_argument("--quick", action="store_true", help="with --run: only the quick tier's cells")
     args = parser.parse_args(argv)
     if args.write_readme:
         table = markdown()  # first: it takes a while, and the README may change meanwhile
@@ -423,7 +525,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.markdown:
         sys.stdout.write(markdown())
     if args.run:
-        outcomes = run_matrix(args.task, echo=print)
+        with hydra_session():
+            selection = quick_cells(args.task) if args.quick else None
+            outcomes = run_matrix(args.task, echo=print, selection=selection)
         failed = [o for o in outcomes if o.status == "failed"]
         print(f"{len(outcomes)} cells: {len(outcomes) - len(failed)} passed or refused, {len(failed)} failed")
         return 1 if failed else 0

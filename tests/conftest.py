@@ -9,6 +9,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+# One torch thread in the test process and the runs it starts (inherited by the CLI subprocesses; hardware.threads=auto
+# keeps it as the environment's limit): the tiny models gain nothing from a second thread, which costs twice the CPU
+# and, on a machine shared with other jobs, many times the wall time (threads waiting on each other at every op).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir

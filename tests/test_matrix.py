@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 import yaml
+from omegaconf import OmegaConf
 from torch import nn
 
 from llmk_lab import matrix
@@ -34,15 +35,45 @@ def merged_state(run_dir: Path) -> dict:
 
 # --- the matrix ------------------------------------------------------------------------------------------------
 
-def test_every_registered_combination_passes_its_invariants_or_is_refused_in_plan(tmp_path, capsys):
+def test_the_cells_come_from_the_registries_and_the_quick_ones_run_every_method_of_every_task():
     compressions, pefts = matrix.registered()
     cells = matrix.cells()
     # Generated from the registries: a newly registered method adds its cells.
     sliced = len(pefts) + len(compressions) - 1
     assert len(cells) == len(compressions) * len(pefts) + (len(matrix.TASKS) - 1) * sliced
-    outcomes = matrix.run_matrix(workdir=tmp_path)
+    quick = matrix.quick_cells()
+    assert len(set(quick)) == len(quick) and set(quick) <= set(cells)
+    # The full task: every method once, each with a partner it runs with where it has one.
+    full = [c for c in quick if c.task == matrix.FULL_TASK]
+    assert len(full) == max(len(compressions), len(pefts))
+    assert {c.compression for c in full} == set(compressions) and {c.peft for c in full} == set(pefts)
+    for cell in full:
+        if matrix.refusals(cell)[1] is not None:
+            assert all(matrix.refusals(c)[1] is not None for c in cells if c.compression == cell.compression
+                       and c.task == cell.task), cell
+    # The sliced tasks between them: every method once, every task some of them.
+    sliced = [c for c in quick if c.task != matrix.FULL_TASK]
+    assert {c.compression for c in sliced} == set(compressions) and {c.peft for c in sliced} == set(pefts)
+    assert {c.task for c in sliced} == set(matrix.TASKS) - {matrix.FULL_TASK}
+    assert len(quick) < len(cells) // 4
+    # A cell's config is joined from a few compositions; it is the one Hydra composes for the cell.
+    for cell in (matrix.Cell(matrix.FULL_TASK, "chain", "adalora"), matrix.Cell(matrix.FULL_TASK, "low_rank", "bitfit"),
+                 matrix.Cell("token_classification", "wanda", "lora"), matrix.Cell("causal_lm", "magnitude", "prefix")):
+        joined, composed = matrix.cell_config(cell), matrix.compose(cell.overrides(True))
+        assert OmegaConf.to_yaml(joined) == OmegaConf.to_yaml(composed), cell
+        for node in ("compression", "peft"):  # the schemas' types too (what validates an assignment)
+            assert OmegaConf.get_type(joined[node]) is OmegaConf.get_type(composed[node]), (cell, node)
+
+
+# The quick tier runs a share of the cells that runs every method of every task; the full suite runs the rest.
+@pytest.mark.parametrize("tier", ["quick", pytest.param("rest", marks=pytest.mark.slow)])
+def test_every_registered_combination_passes_its_invariants_or_is_refused_in_plan(tmp_path, capsys, tier):
+    quick = matrix.quick_cells()
+    selection = quick if tier == "quick" else [c for c in matrix.cells() if c not in set(quick)]
+    outcomes = matrix.run_matrix(workdir=tmp_path, selection=selection)
+    assert len(outcomes) == len(selection)
     with capsys.disabled():
-        print(f"\ncomposition matrix: {len(outcomes)} cells")
+        print(f"\ncomposition matrix ({tier}): {len(outcomes)} cells")
         for outcome in outcomes:
             print("  " + outcome.line())
     failed = [o.line() for o in outcomes if o.status == "failed"]
