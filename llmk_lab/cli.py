@@ -20,7 +20,7 @@ from llmk_lab.config_errors import producer_hint
 from llmk_lab.errors import UserError
 from llmk_lab.manifest import write_json
 from llmk_lab.registry import check_values_lightly
-from llmk_lab.hardware import run_dir_for_rank
+from llmk_lab.hardware import job_dir, run_dir_for_rank, shared_fingerprint
 from llmk_lab.sweep import completed_metrics, config_fingerprint, job_name, mark_completed, sweep_group
 
 log = logging.getLogger("llmk_lab")
@@ -71,7 +71,8 @@ def run_job(cfg: DictConfig) -> float:
     group = sweep_group(sweep_dir) if multirun else None
     fingerprint = config_fingerprint(cfg)
     if cfg.sweep.resume and not cfg.sweep.force:
-        previous = completed_metrics(run_dir, fingerprint)
+        # Rank zero's metrics and config hash: every rank of a distributed job decides alike.
+        previous = completed_metrics(job_dir(run_dir), shared_fingerprint(fingerprint))
         if previous is not None:
             log.info("skipping %s: it completed with the same config (sweep.force=true runs it again)", run_dir)
             return _objective(previous, cfg.optimized_metric)

@@ -10,7 +10,9 @@
   job's own overrides. Every process builds the same data, model and one-shot compression from the same
   config and seed; `ReplicaCheck` asserts they are bit-identical before training. Only rank zero writes
   the run directory (`run_dir_for_rank`): the others work in a scratch folder removed when they exit, so
-  a run has one run directory, one `metrics.json`, one tracked run and its exports written once.
+  a run has one run directory, one `metrics.json`, one tracked run and its exports written once. Every rank
+  reads it (`job_dir`, with rank zero's config hash, `shared_fingerprint`) to decide alike whether the job is
+  done or continues from a checkpoint.
   Under SLURM the processes are started by `srun` (one task per device) and Lightning reads the layout
   from SLURM's environment.
 
@@ -60,7 +62,33 @@ def run_dir_for_rank(run_dir: Path) -> Path:
 
     scratch = Path(tempfile.mkdtemp(prefix=f"llmk_lab-rank{os.environ.get('RANK', os.environ.get('LOCAL_RANK', 'n'))}-"))
     atexit.register(shutil.rmtree, scratch, ignore_errors=True)
+    _stands_in_for[scratch] = Path(run_dir)
     return scratch
+
+
+_stands_in_for: dict[Path, Path] = {}  # a rank's scratch folder -> the run directory rank zero writes
+# Rank zero's config hash, passed to the ranks it starts (whose own hash differs: they run without tracking).
+CONFIG_HASH_ENV = "LLMK_LAB_RANK_ZERO_CONFIG_HASH"
+_config_hash: Optional[str] = None
+
+
+def shared_fingerprint(own: str) -> str:
+    """The config hash every rank of a run decides by (a completed job, a checkpoint of the same config):
+    rank zero's. A rank that rank zero started runs the job's overrides with `logger=none` (`child_command`),
+    which changes its resolved config, not the experiment; it gets rank zero's hash from the environment."""
+    global _config_hash
+    if not is_rank_zero() and os.environ.get(CONFIG_HASH_ENV):
+        return os.environ[CONFIG_HASH_ENV]
+    _config_hash = own
+    return own
+
+
+def job_dir(run_dir: Path) -> Path:
+    """The run directory every rank of a run reads: `run_dir` itself, or for another rank's scratch folder the
+    run directory rank zero writes. What decides whether a job is done or continues from a checkpoint is
+    there, and every rank must decide alike (a rank that started afresh while rank zero resumed would wait on
+    collectives rank zero never makes)."""
+    return _stands_in_for.get(Path(run_dir), Path(run_dir))
 
 
 # --- what is there -------------------------------------------------------------------------------------------
@@ -263,6 +291,8 @@ def _hydra_job_launcher():
             os.environ["WORLD_SIZE"] = f"{self.num_processes * self.num_nodes}"
             for local_rank in range(1, self.num_processes):
                 env = {**os.environ, "LOCAL_RANK": str(local_rank)}
+                if _config_hash:
+                    env[CONFIG_HASH_ENV] = _config_hash
                 if os.environ.get("PL_GLOBAL_SEED") is None:
                     env.pop("PL_GLOBAL_SEED", None)
                 command = child_command(local_rank)

@@ -72,9 +72,21 @@ def checkpoint_to_resume(settings, run_dir: Path, fingerprint: str) -> Optional[
     and only when it was written under the same config: `fingerprint` (the config hash that also marks a
     completed job) is stamped beside the checkpoint when the attempt starts. A checkpoint of an earlier
     attempt with another config (a changed default, a code change that altered the resolved config) would
-    otherwise silently continue training a different experiment."""
-    path = resume_checkpoint_path(run_dir)
+    otherwise silently continue training a different experiment.
+
+    Every rank of a distributed run reads rank zero's run directory (`hardware.job_dir`), so all of them
+    continue from the same checkpoint or none does; only rank zero removes or stamps anything."""
+    from llmk_lab import hardware
+
+    path = resume_checkpoint_path(hardware.job_dir(run_dir))
     stamp = path.with_suffix(".config")
+    fingerprint = hardware.shared_fingerprint(fingerprint)
+    if not hardware.is_rank_zero():
+        written_with = stamp.read_text().strip() if stamp.exists() else None
+        resume = path.exists() and settings.sweep.resume and not settings.sweep.force and written_with == fingerprint
+        if resume:
+            log.info("resuming from %s", path)
+        return str(path) if resume else None
     if path.exists():
         written_with = stamp.read_text().strip() if stamp.exists() else None
         if settings.sweep.resume and not settings.sweep.force and written_with == fingerprint:

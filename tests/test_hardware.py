@@ -310,6 +310,33 @@ def test_only_rank_zero_writes_the_run_dir(tmp_path, monkeypatch):
     assert hardware.is_rank_zero()
 
 
+def test_every_rank_decides_resuming_from_rank_zeros_run_dir_and_config_hash(tmp_path, monkeypatch):
+    """A rank that rank zero started works in a scratch folder and runs with logger=none (another config hash):
+    it must still find rank zero's checkpoint and accept it, and leave rank zero's files alone."""
+    from types import SimpleNamespace
+
+    from llmk_lab import hardware, jobs
+
+    for key in ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID", "SLURM_NTASKS", hardware.CONFIG_HASH_ENV):
+        monkeypatch.delenv(key, raising=False)
+    settings = SimpleNamespace(sweep=SimpleNamespace(resume=True, force=False, checkpoint_every_n_steps=1,
+                                                     checkpoint_every_minutes=0),
+                               train=SimpleNamespace(fast_dev_run=False))
+    checkpoint = jobs.resume_checkpoint_path(tmp_path)
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"state")
+    checkpoint.with_suffix(".config").write_text("rank-zero-hash")
+    assert jobs.checkpoint_to_resume(settings, tmp_path, "rank-zero-hash") == str(checkpoint)  # rank zero
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv(hardware.CONFIG_HASH_ENV, "rank-zero-hash")
+    scratch = hardware.run_dir_for_rank(tmp_path)
+    assert hardware.job_dir(scratch) == tmp_path
+    assert jobs.checkpoint_to_resume(settings, scratch, "its-own-hash") == str(checkpoint)
+    monkeypatch.setenv(hardware.CONFIG_HASH_ENV, "another-config")  # rank zero would not resume: nor does it
+    assert jobs.checkpoint_to_resume(settings, scratch, "its-own-hash") is None
+    assert checkpoint.exists() and checkpoint.with_suffix(".config").read_text() == "rank-zero-hash"
+
+
 def test_ddp_outside_the_command_line_is_refused_not_relaunched(tmp_path, monkeypatch):
     """In-process (a notebook, pytest) Lightning would re-run this program's argv in each extra process."""
     from llmk_lab.errors import UserError
@@ -422,3 +449,32 @@ def test_a_multirun_of_ddp_jobs_runs_each_job_once(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scratch", "sweep"]
     for job in jobs:
         assert (tmp_path / "sweep" / job / "llmk_lab.log").read_text().count("starting rank 1") == 1
+
+
+@pytest.mark.slow
+def test_an_interrupted_ddp_job_resumes_from_its_checkpoint_on_every_rank(tmp_path):
+    """Only rank zero writes the run directory; the rank it starts must still continue from that directory's
+    checkpoint (a rank that started afresh would train while rank zero evaluates, and the run would hang or fail)."""
+    import json
+
+    from tests.conftest import run_cli
+
+    job = [*DDP_RUN, "compression=none", "train.batch_size=8", "hardware.strategy=ddp", "hardware.devices=2",
+           "sweep.checkpoint_every_n_steps=1", "hydra.run.dir=run"]
+    env = {"TMPDIR": str(tmp_path / "scratch"), "OMP_NUM_THREADS": "1"}
+    (tmp_path / "scratch").mkdir()
+    run_dir = tmp_path / "run"
+    (run_dir / "metrics.json").mkdir(parents=True)  # no metrics can be written: the attempt fails after training
+    first = run_cli(job, tmp_path, env=env)
+    assert first.returncode != 0 and (run_dir / "checkpoints" / "resume.ckpt").exists(), first.stderr[-3000:]
+    (run_dir / "metrics.json").rmdir()
+    for log in ("llmk_lab.log", "rank_1.log"):
+        (run_dir / log).unlink()
+    second = run_cli([*job, "sweep.resume=true"], tmp_path, env=env, timeout=180)  # a rank left behind hangs
+    assert second.returncode == 0, second.stderr[-3000:]
+    for log in ("llmk_lab.log", "rank_1.log"):  # rank zero and the rank it started
+        assert "resuming from" in (run_dir / log).read_text(), log
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    assert "failed_stage" not in resumed and resumed["train/steps"] == 3  # nothing trained twice
+    assert resumed["train/world_size"] == 2 and 0 <= resumed["test/acc"] <= 1
+    assert not (run_dir / "checkpoints" / "resume.ckpt").exists()  # the job completed
