@@ -2,9 +2,10 @@
 
 Compression, PEFT, calibration and structured pruning ask this module for a
 model's transformer blocks, the roles of the linear layers inside a block
-(attention q/k/v/o, feed-forward in/out), the blocks' norms, the pooler and
-extra head modules, and the default sites of every method. Nothing else in
-the package names a model type.
+(attention q/k/v/o, feed-forward in/out), the blocks' norms, the layout of
+the attention heads, the pooler and extra head modules, and the default sites
+of every method. Nothing else in the package names a model type or walks a
+family's attribute paths.
 
 Most families need no entry. The block stack is discovered from structure: the
 largest `nn.ModuleList` whose items are all of one class and hold linear
@@ -40,6 +41,35 @@ BLOCKS_ATTRIBUTE = "_llmk_blocks"
 
 
 @dataclass(frozen=True)
+class Heads:
+    """How a family's attention heads sit in a block, for cutting whole heads out of it.
+
+    Query head h is rows h*size..(h+1)*size-1 of the query projection and the same columns of
+    the output projection; key/value head j is those rows of the key and value projections and
+    serves query heads j*g..(j+1)*g-1, g = query heads / key-value heads (transformers'
+    `repeat_kv`; g = 1 without grouped-query attention). Head counts are read off the
+    projections' widths; the attributes named here are the ones the attention module's forward
+    reads or reports, rewritten after a cut."""
+
+    # The attention module of a block (relative to the block) holding the attributes below.
+    module: str
+    # Its attribute holding the size of one head (unchanged by a cut).
+    size: str
+    # Its attributes holding the number of query heads kept, and that number times the head size.
+    count: tuple[str, ...] = ()
+    width: tuple[str, ...] = ()
+    # Its attribute holding query heads per key/value head (grouped-query attention).
+    groups: Optional[str] = None
+    # Model type whose config records the heads kept, for a family whose own config cannot (a BERT's
+    # head size is hidden_size / num_attention_heads): `llmk_lab.compression.structured.SAVED_AS`
+    # builds it. None: the config keys below are rewritten in place.
+    saved_as: Optional[str] = None
+    count_key: str = "num_attention_heads"
+    kv_count_key: Optional[str] = None
+    size_key: Optional[str] = None
+
+
+@dataclass(frozen=True)
 class Family:
     """The roles of a family's modules. Block roles are dotted names relative to one block."""
 
@@ -64,23 +94,27 @@ class Family:
     head: tuple[str, ...] = ()
     # Config key holding the feed-forward width (structured neuron pruning rewrites it).
     ffn_width_key: str = "intermediate_size"
-    # Whether attention heads can be cut out of the block (BERT's self-attention layout).
-    head_removal: bool = False
+    # The attention-head layout, where heads can be cut out of the block (None: head removal is refused).
+    heads: Optional[Heads] = None
 
 
 BERT = Family(q="attention.self.query", k="attention.self.key", v="attention.self.value",
               o="attention.output.dense", ffn_in=("intermediate.dense",), ffn_out="output.dense",
               norms=("attention.output.LayerNorm", "output.LayerNorm"), pooler=("pooler.dense",),
-              head_removal=True)
+              heads=Heads(module="attention.self", size="attention_head_size", count=("num_attention_heads",),
+                          width=("all_head_size",), saved_as="llmk_pruned_bert"))
 LLAMA = Family(q="self_attn.q_proj", k="self_attn.k_proj", v="self_attn.v_proj", o="self_attn.o_proj",
                ffn_in=("mlp.gate_proj", "mlp.up_proj"), ffn_out="mlp.down_proj",
-               norms=("input_layernorm", "post_attention_layernorm"))
+               norms=("input_layernorm", "post_attention_layernorm"),
+               # LlamaConfig takes head_dim apart from hidden_size / num_attention_heads: a plain llama reloads.
+               heads=Heads(module="self_attn", size="head_dim", groups="num_key_value_groups",
+                           kv_count_key="num_key_value_heads", size_key="head_dim"))
 
 FAMILIES: dict[str, Family] = {
     "bert": BERT,
     # RoBERTa's blocks are BERT's; its classifier has its own dense layer, so no pooler is
     # adapted, and a RoBERTa with fewer heads is not a BERT, so heads are not removed.
-    "roberta": replace(BERT, head_removal=False),
+    "roberta": replace(BERT, heads=None),
     # A BERT whose attention heads were pruned (llmk_lab.pruned_bert).
     "llmk_pruned_bert": BERT,
     "distilbert": Family(q="attention.q_lin", k="attention.k_lin", v="attention.v_lin", o="attention.out_lin",
@@ -200,6 +234,47 @@ class Architecture:
             raise UserError(f"{key}: neuron pruning needs separate feed-forward input projections, and "
                             f"{self.describe()} fuses them ({ins[0]!r}); use drop_layers instead")
         return [_parent_and_attr(block, name) for name in ins], _parent_and_attr(block, out)
+
+    def attention(self, block: nn.Module, key: str) -> "AttentionHeads":
+        """One block's attention as head removal sees it; a refusal naming `key` where the family's
+        head layout is not in the map or its projections do not allow a cut."""
+        layout = self.family.heads
+        if layout is None:
+            raise UserError(f"{key}: head removal needs the attention-head layout of {self.describe()} (a `heads` "
+                            "entry of its family in llmk_lab.architectures.FAMILIES), and it has none; use "
+                            "compression.head_ratio=0 (neuron_ratio and drop_layers need no head layout)")
+        names = [getattr(self.family, r) for r in ("q", "k", "v", "o")]
+        if not all(names):
+            raise UserError(f"{key}: head removal needs separate query, key, value and output projections, and "
+                            f"{self.describe()} has {dict(zip('qkvo', names))}; use compression.head_ratio=0")
+        q, k, v, o = (_parent_and_attr(block, name) for name in names)
+        module = block.get_submodule(layout.module)
+        size = int(getattr(module, layout.size))
+        heads, kv_heads = out_features(getattr(*q)) // size, out_features(getattr(*k)) // size
+        if heads < 1 or kv_heads < 1 or heads % kv_heads or out_features(getattr(*v)) != kv_heads * size:
+            raise UserError(f"{key}: head removal expects {heads} query heads of size {size} grouped over the "
+                            f"key/value heads of {self.describe()}, and its projections are "
+                            f"{[out_features(getattr(*p)) for p in (q, k, v)]} wide")
+        return AttentionHeads(module=module, layout=layout, q=q, k=k, v=v, o=o, size=size, heads=heads,
+                              kv_heads=kv_heads)
+
+
+@dataclass
+class AttentionHeads:
+    """One block's attention: its module, its projections as (parent, attribute), the head size and counts."""
+
+    module: nn.Module
+    layout: Heads
+    q: tuple[nn.Module, str]
+    k: tuple[nn.Module, str]
+    v: tuple[nn.Module, str]
+    o: tuple[nn.Module, str]
+    size: int
+    heads: int
+    kv_heads: int
+
+    def layer(self, role: str) -> nn.Module:
+        return getattr(*getattr(self, role))
 
 
 ROLE_WORDS = {"q": "query projection", "k": "key projection", "v": "value projection",

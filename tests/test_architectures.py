@@ -3,7 +3,7 @@
 Each family is built from its transformers config (width 32, 2 blocks) and put through what depends on
 the layout: where the blocks and their roles are, the default sites of every method, one-shot pruning
 (magnitude, Wanda, SparseGPT, with GPT-2's transposed Conv1D weights), LoRA over a pruned model, and
-structured neuron removal. Three checkpoints nobody tuned for (Gemma-3, GPT-2, Qwen2) run
+structured neuron and head removal. Three checkpoints nobody tuned for (Gemma-3, GPT-2, Qwen2) run
 `compression=wanda peft=lora` end to end from a folder, with no target_modules given.
 """
 from __future__ import annotations
@@ -82,6 +82,9 @@ def test_blocks_and_roles_are_found_for_every_family(family):
             assert isinstance(arch.blocks[0].get_submodule(name), (nn.Linear, Conv1D)), name
     assert (f.qkv is not None) == (family in ("gpt2", "phi3"))  # fused projections are named as such
     assert f.ffn_out and f.ffn_in and f.o and f.norms
+    if f.heads:  # the head layout names a module of the block and its head-size attribute
+        attention = arch.attention(arch.blocks[0], "compression.head_ratio")
+        assert (attention.heads, attention.kv_heads, attention.size) == (4, 4 if family in ENCODERS else 2, 8)
     # The default targets of pruning are exactly the linears inside the blocks, nothing outside.
     layers = target_linears(model, None, "compression.target_modules", kinds=(nn.Linear, Conv1D))
     assert len(layers) == 2 * len(arch.linears)
@@ -295,16 +298,93 @@ def test_neuron_removal_shrinks_the_feed_forward_of_every_family(family, tmp_pat
     assert torch.allclose(reloaded(**inputs).logits, expected, atol=1e-5)
 
 
-def test_fused_feed_forward_and_heads_outside_bert_are_refused_in_one_line():
+def test_fused_feed_forward_and_heads_outside_the_map_are_refused_in_one_line():
     with pytest.raises(UserError, match=r"fuses them \('mlp.gate_up_proj'\); use drop_layers"):
         StructuredPruning(StructuredConfig(head_ratio=0.0, neuron_ratio=0.25, importance="l1")).before_fit(
             structured_context(tiny("phi3")))
-    with pytest.raises(UserError, match=r"compression.head_ratio=0.5 needs a BERT encoder"):
-        StructuredPruning(StructuredConfig(head_ratio=0.5, neuron_ratio=0.0, importance="l1")).before_fit(
-            structured_context(tiny("qwen2")))
+    for family in ("qwen2", "gpt2", "roberta", "distilbert"):
+        with pytest.raises(UserError, match=rf"^compression.head_ratio=0.5: head removal needs the attention-head "
+                                            rf"layout of model type '{family}' \(a `heads` entry"):
+            StructuredPruning(StructuredConfig(head_ratio=0.5, neuron_ratio=0.0, importance="l1")).before_fit(
+                structured_context(tiny(family)))
+    with pytest.raises(UserError, match=r"would remove all 2 query heads sharing each of the 2 key/value heads"):
+        StructuredPruning(StructuredConfig(head_ratio=0.75, neuron_ratio=0.0, importance="l1")).before_fit(
+            structured_context(tiny("llama")))
     phi3 = tiny("phi3")  # dropping whole layers needs no roles
     StructuredPruning(StructuredConfig(head_ratio=0.0, neuron_ratio=0.0, drop_layers=1)).before_fit(structured_context(phi3))
     assert len(architecture(phi3).blocks) == 1 and phi3.config.num_hidden_layers == 1
+
+
+def tiny_decoder(family: str, kv_heads: int) -> nn.Module:
+    torch.manual_seed(0)
+    config = hf.AutoConfig.for_model(family, vocab_size=VOCAB, hidden_size=D, intermediate_size=FF,
+                                     num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=kv_heads,
+                                     head_dim=8, max_position_embeddings=64, tie_word_embeddings=False)
+    return hf.AutoModelForCausalLM.from_config(config).eval()
+
+
+def llama_like_entry(monkeypatch, family: str) -> None:
+    """Structured support for a Llama-shaped family is one entry in the map."""
+    from llmk_lab.architectures import LLAMA
+
+    if family not in FAMILIES:
+        monkeypatch.setitem(FAMILIES, family, LLAMA)
+
+
+@pytest.mark.parametrize("family, kv_heads", [("llama", 2), ("llama", 4), ("mistral", 2)])
+def test_decoder_heads_and_neurons_removed_equal_the_dense_model_with_them_zeroed(family, kv_heads, tmp_path,
+                                                                                 monkeypatch):
+    """Cutting query heads (grouped-query: the same number from every key/value group) and feed-forward neurons
+    computes exactly what the dense model does with those heads' output columns and neurons' down columns zeroed;
+    the shrunk config reloads as a plain model of the family."""
+    llama_like_entry(monkeypatch, family)
+    model, dense = tiny_decoder(family, kv_heads), tiny_decoder(family, kv_heads)
+    method = StructuredPruning(StructuredConfig(head_ratio=0.5, neuron_ratio=0.25, importance="l1"))
+    method.before_fit(structured_context(model))
+    removed = {int(i): heads for i, heads in method.report["heads_removed"].items()}
+    arch = architecture(model)
+    for i, block in enumerate(arch.blocks):
+        assert len(removed[i]) == 2
+        if kv_heads == 2:  # one of the two query heads of each key/value head
+            assert sorted(h // 2 for h in removed[i]) == [0, 1]
+        attention = block.self_attn
+        assert attention.q_proj.weight.shape == (16, D) and attention.o_proj.weight.shape == (D, 16)
+        # Without grouping, two key/value heads go with their query heads; with two groups both stay, one
+        # query head each.
+        assert attention.k_proj.weight.shape == (16, D) and attention.num_key_value_groups == 1
+    assert (model.config.num_attention_heads, model.config.num_key_value_heads, model.config.head_dim) == (2, 2, 8)
+    with torch.no_grad():
+        for i, (pruned_block, block) in enumerate(zip(arch.blocks, architecture(dense).blocks)):
+            for h in removed[i]:
+                block.self_attn.o_proj.weight[:, h * 8:(h + 1) * 8] = 0
+            kept, full = pruned_block.mlp.down_proj.weight, block.mlp.down_proj.weight
+            keep = [j for j in range(FF) if any(torch.equal(full[:, j], kept[:, c]) for c in range(kept.shape[1]))]
+            assert len(keep) == 48
+            full[:, sorted(set(range(FF)) - set(keep))] = 0
+    inputs = batches(1)[0]
+    expected = model(**inputs).logits
+    assert torch.allclose(expected, dense(**inputs).logits, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    reloaded = hf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert torch.equal(reloaded(**inputs).logits, expected)
+
+
+@pytest.mark.parametrize("importance", ["gradient", "l1"])
+@pytest.mark.parametrize("kv_heads, ratio", [(2, 0.5), (4, 0.25)])
+def test_llama_head_importance_removes_a_head_that_contributes_nothing(importance, kv_heads, ratio):
+    from types import SimpleNamespace
+
+    model = tiny_decoder("llama", kv_heads)
+    with torch.no_grad():  # head 1 has no weights: zero gate gradient, zero L1 norm
+        architecture(model).blocks[0].self_attn.q_proj.weight[8:16] = 0
+        architecture(model).blocks[0].self_attn.o_proj.weight[:, 8:16] = 0
+    calibration = [{**b, "labels": b["input_ids"]} for b in batches(2)]
+    ctx = SimpleNamespace(model=model, datamodule=SimpleNamespace(calibration_batches=lambda n, b: calibration),
+                          task=SimpleNamespace(head_modules=("lm_head",)))
+    method = StructuredPruning(StructuredConfig(head_ratio=ratio, neuron_ratio=0.0, importance=importance))
+    method.before_fit(ctx)
+    removed = method.report["heads_removed"]["0"]
+    assert 1 in removed and len(removed) == (2 if kv_heads == 2 else 1)
 
 
 # ------------------------------------------------------------------ end to end from a folder

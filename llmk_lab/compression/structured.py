@@ -1,10 +1,14 @@
 """Structured pruning that really shrinks the model: attention heads, feed-forward neurons, whole layers.
 
-- Heads (BERT encoders): importance is Michel et al. (2019)'s |dL/d gate| of a
-  gate on each head's output, summed over calibration batches
-  (`importance: gradient`), or the L1 norm of the head's weights
+- Heads (families whose attention-head layout the architecture map holds:
+  BERT, Llama): importance is Michel et al. (2019)'s |dL/d gate| of a gate on
+  each head's output (the output projection's input), summed over calibration
+  batches (`importance: gradient`), or the L1 norm of the head's weights
   (`importance: l1`). The lowest `head_ratio` of the heads of every layer are
   cut out of the query/key/value rows and the output projection's columns.
+  With grouped-query attention the key/value heads stay and each of them
+  loses the same number of the query heads it serves (its lowest), so every
+  group keeps one size.
 - Neurons (feed-forward blocks of every family whose feed-forward input and
   output projections the architecture map knows): first-order Taylor importance
   |activation * gradient| (Molchanov et al. 2017) or the L1 norm of the
@@ -14,11 +18,13 @@
 
 Every layer keeps the same number of heads and neurons, so the shrunk model is
 described by its config: the feed-forward width (`intermediate_size` and its
-per-family names) and `num_hidden_layers` are plain transformers fields; a BERT
-with fewer heads per layer (head size unchanged) is saved as model type
-`llmk_pruned_bert` (`llmk_lab/pruned_bert.py`), so `AutoModelFor*.from_pretrained`
-reloads it. Where the blocks and their projections are comes from
-`llmk_lab.architectures`.
+per-family names), `num_hidden_layers` and a Llama's head counts are plain
+transformers fields; a BERT with fewer heads per layer (head size unchanged) is
+saved as model type `llmk_pruned_bert` (`llmk_lab/pruned_bert.py`), so
+`AutoModelFor*.from_pretrained` reloads it. Where the blocks, their projections
+and the attention modules' head attributes are comes from
+`llmk_lab.architectures`: structured support for another family is its entry
+there.
 """
 from __future__ import annotations
 
@@ -27,20 +33,24 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from llmk_lab.architectures import (Architecture, architecture, out_features, transformer_blocks,  # noqa: F401
                                     weight_matrix)
 from llmk_lab.compression import COMPRESSION, CompressionMethod
 from llmk_lab.errors import UserError, check
-from llmk_lab.pruned_bert import pruned_config, remove_heads, sliced
+from llmk_lab.pruned_bert import PRUNED_BERT, pruned_config
 
 KEY = "compression.method=structured"
+
+# Config builders of the model types named by `Heads.saved_as`: model type -> f(config, query heads kept).
+SAVED_AS = {PRUNED_BERT: pruned_config}
 
 
 @dataclass
 class StructuredConfig:
     method: str = "structured"
-    # Fraction of the attention heads removed from every layer (BERT encoders), in [0, 1).
+    # Fraction of the attention heads removed from every layer (BERT, Llama), in [0, 1).
     head_ratio: float = 0.25
     # Fraction of the feed-forward neurons removed from every layer, in [0, 1).
     neuron_ratio: float = 0.25
@@ -66,6 +76,55 @@ class StructuredConfig:
                   "a count >= 0 or a list of layer indices >= 0")
 
 
+def sliced(linear: nn.Module, index: torch.Tensor, dim: int) -> nn.Module:
+    """A smaller Linear (or transformers Conv1D) keeping `index` of its outputs (dim 0) or inputs (dim 1)."""
+    conv1d = isinstance(linear, Conv1D)  # stores W^T: outputs are its columns
+    weight = linear.weight.detach()
+    weight = weight.index_select(1 - dim if conv1d else dim, index.to(weight.device)).clone()
+    if conv1d:
+        new = Conv1D(weight.shape[1], weight.shape[0]).to(device=weight.device, dtype=weight.dtype)
+    else:
+        out_features, in_features = weight.shape
+        new = nn.Linear(in_features, out_features, bias=linear.bias is not None,
+                        device=weight.device, dtype=weight.dtype)
+    new.weight.data.copy_(weight)
+    if linear.bias is not None:
+        bias = linear.bias.detach()
+        new.bias.data.copy_(bias.index_select(0, index.to(bias.device)) if dim == 0 else bias)
+    new.weight.requires_grad_(linear.weight.requires_grad)
+    return new
+
+
+def _head_rows(heads: list[int], size: int) -> torch.Tensor:
+    return torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
+
+
+def remove_heads(block: nn.Module, keep: list[int], arch: Architecture) -> None:
+    """Keep only the query heads `keep` of a block's attention, and the key/value heads serving them."""
+    attention = arch.attention(block, KEY)
+    keep = sorted(keep)
+    group = attention.heads // attention.kv_heads
+    kv_keep = sorted({h // group for h in keep})
+    rows, kv_rows = _head_rows(keep, attention.size), _head_rows(kv_keep, attention.size)
+    for (parent, name), index in ((attention.q, rows), (attention.k, kv_rows), (attention.v, kv_rows)):
+        setattr(parent, name, sliced(getattr(parent, name), index, 0))
+    parent, name = attention.o
+    setattr(parent, name, sliced(getattr(parent, name), rows, 1))
+    layout = attention.layout
+    for attr in layout.count:
+        setattr(attention.module, attr, len(keep))
+    for attr in layout.width:
+        setattr(attention.module, attr, len(keep) * attention.size)
+    if layout.groups:
+        setattr(attention.module, layout.groups, len(keep) // len(kv_keep))
+
+
+def head_pools(heads: int, kv_heads: int) -> int:
+    """Size of the sets of heads each losing its lowest: the whole layer where every head has its own keys and
+    values, the query heads sharing one key/value head under grouped-query attention."""
+    return heads if kv_heads == heads else heads // kv_heads
+
+
 def _ffn(block: nn.Module, arch: Architecture) -> tuple[list[tuple[nn.Module, str]], tuple[nn.Module, str]]:
     """(layers whose outputs are the neurons, layer whose inputs are the neurons) of a block."""
     return arch.ffn(block, KEY)
@@ -79,11 +138,14 @@ def remove_neurons(block: nn.Module, keep: torch.Tensor, arch: Architecture) -> 
     setattr(out_parent, out_name, sliced(getattr(out_parent, out_name), keep, 1))
 
 
-def head_l1(block: nn.Module) -> torch.Tensor:
-    attention = block.attention.self
-    heads, size = attention.num_attention_heads, attention.attention_head_size
-    score = sum(getattr(attention, n).weight.abs().view(heads, size, -1).sum((1, 2)) for n in ("query", "key", "value"))
-    return score + block.attention.output.dense.weight.abs().view(-1, heads, size).sum((0, 2))
+def head_l1(block: nn.Module, arch: Architecture) -> torch.Tensor:
+    """L1 norm of each query head's weights: its query rows and output columns, and its key and value rows where
+    it has its own (query heads sharing a key/value head are ranked among themselves: theirs adds the same to each)."""
+    attention = arch.attention(block, KEY)
+    heads, size = attention.heads, attention.size
+    roles = ("q", "k", "v") if attention.kv_heads == heads else ("q",)
+    score = sum(weight_matrix(attention.layer(role)).abs().reshape(heads, size, -1).sum((1, 2)) for role in roles)
+    return score + weight_matrix(attention.layer("o")).abs().reshape(-1, heads, size).sum((0, 2))
 
 
 def neuron_l1(block: nn.Module, arch: Architecture) -> torch.Tensor:
@@ -102,17 +164,18 @@ def gradient_importance(model: nn.Module, blocks: nn.ModuleList, batches: list[d
     device = next(model.parameters()).device
     for i, block in enumerate(blocks):
         if heads:
-            n_heads = block.attention.self.num_attention_heads
-            gate = torch.ones(n_heads, device=device, requires_grad=True)
+            attention = arch.attention(block, KEY)
+            gate = torch.ones(attention.heads, device=device, requires_grad=True)
             gates.append(gate)
 
-            def gated(module, args, output, gate=gate):
-                context = output[0]
+            # The output projection's input is the heads' outputs side by side: gating it gates each head.
+            def gated(module, args, gate=gate):
+                context = args[0]
                 shape = context.shape
                 context = (context.view(*shape[:-1], gate.numel(), -1) * gate[:, None]).view(shape)
-                return (context, *output[1:])
+                return (context, *args[1:])
 
-            hooks.append(block.attention.self.register_forward_hook(gated))
+            hooks.append(attention.layer("o").register_forward_pre_hook(gated))
         if neurons:
             _, (out_parent, out_name) = _ffn(block, arch)
 
@@ -214,14 +277,15 @@ class StructuredPruning(CompressionMethod):
         params_before = sum(p.numel() for p in model.parameters())
 
         if s.head_ratio > 0:
-            if not arch.family.head_removal:
-                raise UserError(f"compression.head_ratio={s.head_ratio} needs a BERT encoder; head removal is not "
-                                f"implemented for {arch.describe()} (use neuron_ratio or drop_layers)")
-            heads = blocks[0].attention.self.num_attention_heads
-            removed = round(s.head_ratio * heads)
-            if removed >= heads:
-                raise UserError(f"compression.head_ratio={s.head_ratio} would remove all {heads} heads of every "
-                                f"layer; allowed: a ratio below {(heads - 0.5) / heads:.3f}")
+            attention = arch.attention(blocks[0], f"compression.head_ratio={s.head_ratio}")
+            heads, kv_heads = attention.heads, attention.kv_heads
+            pool = head_pools(heads, kv_heads)
+            removed = round(s.head_ratio * pool)
+            if removed >= pool:
+                which = (f"{heads} heads of every layer" if pool == heads else
+                         f"{pool} query heads sharing each of the {kv_heads} key/value heads of every layer")
+                raise UserError(f"compression.head_ratio={s.head_ratio} would remove all {which}; allowed: a ratio "
+                                f"below {(pool - 0.5) / pool:.3f}")
         if s.neuron_ratio > 0:
             _ffn(blocks[0], arch)
 
@@ -237,18 +301,15 @@ class StructuredPruning(CompressionMethod):
                                                      "iterations, the rest frozen)")
         with torch.no_grad():
             if s.head_ratio > 0:
-                kept = heads - removed
+                kept = (pool - removed) * (heads // pool)
                 report["heads_removed"] = {}
                 for i, block in enumerate(blocks):
-                    score = head_scores[i] if head_scores is not None else head_l1(block)
-                    keep = score.topk(kept).indices.sort().values.tolist()
+                    score = head_scores[i] if head_scores is not None else head_l1(block, arch)
+                    keep = sorted(start + h for start in range(0, heads, pool)
+                                  for h in score[start:start + pool].topk(pool - removed).indices.tolist())
                     report["heads_removed"][str(i)] = sorted(set(range(heads)) - set(keep))
-                    remove_heads(block, keep)
-                config = pruned_config(model.config, kept)
-                model.config = config
-                for module in model.modules():
-                    if getattr(module, "config", None) is not None and module is not model:
-                        module.config = config
+                    remove_heads(block, keep, arch)
+                self._record_heads(model, attention, kept, kv_heads if pool < heads else kept)
             if s.neuron_ratio > 0:
                 ins, _ = _ffn(blocks[0], arch)
                 width = out_features(getattr(*ins[0]))
@@ -272,6 +333,23 @@ class StructuredPruning(CompressionMethod):
         report["params_before"] = params_before
         report["params_after"] = sum(p.numel() for p in model.parameters())
         self.report = report
+
+    @staticmethod
+    def _record_heads(model: nn.Module, attention, kept: int, kv_kept: int) -> None:
+        """Describe the heads kept in the config, so the saved model reloads with its smaller attention."""
+        layout = attention.layout
+        if layout.saved_as:
+            config = SAVED_AS[layout.saved_as](model.config, kept)
+            model.config = config
+            for module in model.modules():
+                if getattr(module, "config", None) is not None and module is not model:
+                    module.config = config
+            return
+        setattr(model.config, layout.count_key, kept)
+        if layout.kv_count_key:
+            setattr(model.config, layout.kv_count_key, kv_kept)
+        if layout.size_key:
+            setattr(model.config, layout.size_key, attention.size)
 
     def _layers_to_drop(self, n_blocks: int) -> set[int]:
         value = self.settings.drop_layers
