@@ -2,7 +2,8 @@
 
 1. throughput: training examples/s of LoRA on the magnitude-pruned model (masked update, so the merged
    model keeps its zeros) over LoRA on the same model unpruned; same batches, same optimiser and
-   schedule, a plain loop, so only the layers differ;
+   schedule, a plain loop, so only the layers differ; next to it the floor: the one product per pruned
+   layer and step that any exact masked update adds, timed alone, and the best ratio it leaves;
 2. stages: seconds of the stages after training (evaluation, figures, exports) over training seconds
    and over the run's wall time, read from full runs' own stage timings (`time/fit_s`,
    `time/<stage>_s`, `time/post_training_s` in metrics.json);
@@ -72,7 +73,38 @@ def throughput(overrides: list[str], steps: int, repeats: int) -> dict:
         for name in (order if r % 2 == 0 else order[::-1]):
             clocks[name].append(once(name))
     examples = sum(len(b["input_ids"]) for b in prepared["lora"][2])
-    return {"examples": examples, **overhead.clock_figures(clocks, faster="lora", slower="pruned+lora")}
+    figures = {"examples": examples, **overhead.clock_figures(clocks, faster="lora", slower="pruned+lora")}
+    _, ctx, batches, _ = prepared["pruned+lora"]
+    floor = masked_gradient_floor(ctx.model, batches, repeats)
+    for kind in ("wall", "cpu"):  # both as fractions of an unpruned run: what a ratio of 0.9 allows is 1/0.9 - 1
+        unpruned = figures[f"lora_{kind}_s"]
+        figures[f"floor_{kind}_s"] = floor[kind]
+        figures[f"floor_share_{kind}"] = floor[kind] / unpruned
+        figures[f"extra_share_{kind}"] = figures[f"pruned+lora_{kind}_s"] / unpruned - 1
+    return figures
+
+
+def masked_gradient_floor(model, batches: list[dict], repeats: int) -> dict[str, float]:
+    """Seconds of the one product a masked update needs and plain LoRA does not: the gradient of the
+    masked update is the full matrix (G^T X) * M before it reaches the factors, one d_out x d_in x tokens
+    matmul per pruned layer and step (the forward with W_eff and the input gradient through it cost what
+    plain LoRA's forward and input gradient cost). Timed alone with the pruned layers' shapes and the
+    benchmark's batches (every padded position goes through the layers); median of `repeats`."""
+    from llmk_lab.compression.masks import masked_linears
+
+    shapes = [tuple(m.weight.shape) for m in masked_linears(model).values()]
+    tokens = [int(b["input_ids"].numel()) for b in batches]
+    operands = {(n, d_out, d_in): (torch.randn(n, d_out), torch.randn(n, d_in))
+                for n in set(tokens) for d_out, d_in in set(shapes)}
+    clocks = []
+    for _ in range(repeats + 1):  # the first warms up
+        with overhead.Clock() as clock:
+            for n in tokens:
+                for d_out, d_in in shapes:
+                    grad, inputs = operands[(n, d_out, d_in)]
+                    grad.t().mm(inputs)
+        clocks.append(clock)
+    return {kind: statistics.median(getattr(c, kind) for c in clocks[1:]) for kind in ("wall", "cpu")}
 
 
 def stages(overrides: list[str], repeats: int) -> dict:
@@ -128,6 +160,12 @@ def main() -> None:
             say(f"  {name:12} examples/s median {n / t[f'{name}_wall_s']:7.2f} wall, "
                 f"{n / t[f'{name}_cpu_s']:7.2f} per CPU second")
         say(f"  pruned+lora / lora throughput: {t['ratio_wall']:.3f} wall, {t['ratio_cpu']:.3f} CPU")
+        say(f"  a ratio of 0.9 allows the pruned run {1 / 0.9 - 1:.1%} more time than the unpruned one; it takes "
+            f"{t['extra_share_cpu']:.1%} more (CPU; wall {t['extra_share_wall']:.1%})")
+        say(f"  the masked update's own product alone, (G^T X) * M (one d_out x d_in x tokens matmul per pruned layer "
+            f"and step, timed on its own): {t['floor_share_cpu']:.1%} of the unpruned run (CPU; wall "
+            f"{t['floor_share_wall']:.1%}); the fused layer wins part of it back by not running LoRA's separate "
+            "low-rank products")
     if "stages" in chosen:
         s = results["stages"] = stages([*(QUICK if args.quick else []), *args.overrides], args.repeats)
         say(f"\n2. stages after training ({'quick runs' if args.quick else 'the default run'}, medians)")
