@@ -2,8 +2,9 @@
 
 1. throughput: training examples/s of LoRA on the magnitude-pruned model (masked update, so the merged
    model keeps its zeros) over LoRA on the same model unpruned; same batches, same optimiser and
-   schedule, a plain loop, so only the layers differ; next to it the floor: the one product per pruned
-   layer and step that any exact masked update adds, timed alone, and the best ratio it leaves;
+   schedule, a plain loop, so only the layers differ; next to it the one product per pruned layer and
+   step that any exact masked update adds, timed alone, as a share of the unpruned run, and the share
+   a ratio of 0.9 allows (1/0.9 - 1);
 2. stages: seconds of the stages after training (evaluation, figures, exports) over training seconds
    and over the run's wall time, read from full runs' own stage timings (`time/fit_s`,
    `time/<stage>_s`, `time/post_training_s` in metrics.json);
