@@ -15,6 +15,9 @@
   done or continues from a checkpoint.
   Under SLURM the processes are started by `srun` (one task per device) and Lightning reads the layout
   from SLURM's environment.
+- FSDP: the one wrapper made for fit also serves validate and test; after evaluation every rank sends its
+  shards so that rank zero's modules hold the whole model for the stages it runs alone, and the final
+  checkpoint is saved by all ranks (`leave_distributed`); `fsdp_refusal` names what shards rule out.
 
 Only light imports at module level: the command line imports this before a run starts.
 """
@@ -230,20 +233,99 @@ def reset_after_previous_job() -> None:
         _launched_here = False
 
 
-def leave_distributed(trainer) -> None:
+def leave_distributed(trainer, final_checkpoint: Optional[Path] = None) -> None:
     """After the distributed evaluation: the other ranks end their run (nothing they would measure or
     export is read), rank zero closes the process group and measures and exports on its own, so that
-    nothing after this point waits for a collective."""
+    nothing after this point waits for a collective.
+
+    FSDP first needs every rank once more: each holds only its shard of every parameter, and the stages
+    after this read rank zero's modules directly (parameter counts, sparsity, exports), so rank zero takes
+    the full parameters into them (`gather_full_parameters`); and a Lightning checkpoint of an FSDP model is
+    gathered from every rank too, so `final_checkpoint` (the export's `last.ckpt`) is saved here, by all of
+    them, and `save_checkpoint` later finds it written."""
     import torch.distributed as dist
 
     if trainer.world_size < 2 or not (dist.is_available() and dist.is_initialized()):
         return
+    if is_sharded(trainer):
+        if final_checkpoint is not None:
+            trainer.save_checkpoint(final_checkpoint)  # FSDP broadcasts rank zero's path; rank zero writes it
+            _saved_together.add(str(final_checkpoint))
+        gather_full_parameters(trainer)
     trainer.strategy.barrier("llmk_lab.leave_distributed")
     if not trainer.is_global_zero:
         log.info("rank %d: evaluation done; rank zero measures and exports", trainer.global_rank)
         dist.destroy_process_group()
         sys.exit(0)
     dist.destroy_process_group()
+
+
+_saved_together: set[str] = set()  # checkpoints the processes of an FSDP run saved before rank zero went on alone
+
+
+def save_checkpoint(trainer, path: Path) -> None:
+    """`trainer.save_checkpoint(path)`, unless the processes of a sharded run saved it together before rank
+    zero went on alone (`leave_distributed`): on its own, rank zero cannot gather the other ranks' shards."""
+    if str(path) in _saved_together:
+        _saved_together.discard(str(path))
+        return
+    trainer.save_checkpoint(path)
+
+
+def is_sharded(trainer) -> bool:
+    """Whether the trainer's model is wrapped in FSDP (each rank holding a shard of each parameter)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(getattr(trainer.strategy, "model", None), FullyShardedDataParallel)
+
+
+def gather_full_parameters(trainer) -> None:
+    """Every rank sends its shards; rank zero's modules then hold every parameter whole, as plain tensors on
+    its device, for the stages it runs alone. (Under FSDP with `use_orig_params`, the module's parameters are
+    views of each rank's flat shard outside forward and backward: 1-D and partial.) Collective: call it on
+    every rank, after the last forward pass through the FSDP wrapper."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    wrapped, module = trainer.strategy.model, trainer.lightning_module
+    # On GPUs the whole model is gathered into CPU memory, not next to the optimiser state on rank zero's GPU.
+    offload = trainer.strategy.root_device.type != "cpu"
+    full: dict[str, Any] = {}
+    with FullyShardedDataParallel.summon_full_params(wrapped, writeback=False, rank0_only=True,
+                                                     offload_to_cpu=offload):
+        if trainer.is_global_zero:
+            full = {name: param.detach().clone() for name, param in module.named_parameters()}
+    if trainer.is_global_zero:
+        for name, param in module.named_parameters():
+            param.data = full[name].to(param.device)
+
+
+def fsdp_refusal(settings, methods, strategy) -> Optional[str]:
+    """Why this run cannot use FSDP, in one line (None: it can). Through training and evaluation FSDP holds
+    every parameter and its gradient as a shard on each process (rank zero gathers the whole model only at
+    the end, `gather_full_parameters`), so what reads or changes whole trained weights before then does not
+    work: pruning while training, re-masking pruned weights that train, compressing the trained model before
+    it is evaluated, scores from whole gradients (AdaLoRA), loading the selected checkpoint back."""
+    if settings.hardware.strategy != "fsdp":
+        return None
+    from llmk_lab.compression import CompressionMethod
+
+    start, instead = "hardware.strategy='fsdp' cannot be combined with", "; use hardware.strategy=ddp"
+    peft = strategy.registered_name
+    for method in methods:
+        name = method.registered_name
+        if method.prunes_while_training:
+            return f"{start} compression.method={name!r}: it prunes weights while they train{instead}"
+        if type(method).after_fit is not CompressionMethod.after_fit:
+            return f"{start} compression.method={name!r}: it compresses the trained model before evaluation{instead}"
+        if hasattr(method.settings, "sparsity") and strategy.trains_base_weights != "none":
+            return (f"{start} compression.method={name!r} and peft.method={peft!r}: the pruned weights train and "
+                    f"are re-masked at every step{instead}, or a peft method that keeps them frozen (e.g. lora)")
+    if strategy.reads_whole_gradients:
+        return f"{start} peft.method={peft!r}: it scores its updates from their whole gradients{instead}"
+    if settings.train.monitor:
+        return (f"{start} train.monitor={settings.train.monitor!r}: the selected checkpoint is loaded back into "
+                f"the whole model{instead}")
+    return None
 
 
 def child_command(local_rank: int) -> list[str]:
@@ -328,6 +410,17 @@ def strategy(hw):
             super()._configure_launcher()
             if type(self._launcher).__name__ == "_SubprocessScriptLauncher":
                 self._launcher = launcher_cls(self.cluster_environment, self.num_processes, self.num_nodes)
+
+        def _setup_model(self, model):
+            # Lightning wraps the module again for validate and test after fit. Under FSDP (with Lightning's
+            # use_orig_params=True) the module's parameters are by then views of each rank's flat shard, which a
+            # second wrapper would take for whole parameters ("'weight' must be 2-D"): the first one serves all.
+            kept = getattr(self, "_llmk_wrapped", None)
+            if base is FSDPStrategy and kept is not None and kept.module is model:
+                return kept
+            wrapped = super()._setup_model(model)
+            self._llmk_wrapped = wrapped
+            return wrapped
 
     HydraAware.__name__ = HydraAware.__qualname__ = f"HydraAware{base.__name__}"
     return HydraAware()

@@ -93,6 +93,8 @@ def refuse_combinations(settings: RunConfig, methods: list[CompressionMethod], s
         if reason:
             raise UserError(f"compression.method={name!r} cannot be combined with peft.method={peft_name!r}: "
                             f"{reason}")
+    if hardware.fsdp_refusal(settings, methods, strategy):  # what FSDP's sharded parameters rule out
+        raise UserError(hardware.fsdp_refusal(settings, methods, strategy))
 
 
 def build_trainer(settings: RunConfig, loggers: list, callbacks: list, run_dir: Path) -> pl.Trainer:
@@ -146,11 +148,18 @@ def measure_sparsity(ctx: RunContext, strategy: PeftStrategy, methods) -> dict[s
     return figures
 
 
+def final_checkpoint(settings: RunConfig, run_dir: Path) -> Optional[Path]:
+    """Where the export's Lightning checkpoint goes, or None when none is written."""
+    if settings.export.checkpoint and not settings.train.fast_dev_run:
+        return run_dir / "checkpoints" / "last.ckpt"
+    return None
+
+
 def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict[str, str]:
     settings, run_dir, written = ctx.settings, ctx.run_dir, {}
-    if settings.export.checkpoint and not settings.train.fast_dev_run:
-        path = run_dir / "checkpoints" / "last.ckpt"
-        trainer.save_checkpoint(path)
+    path = final_checkpoint(settings, run_dir)
+    if path is not None:
+        hardware.save_checkpoint(trainer, path)  # an FSDP run's processes saved it together (leave_distributed)
         written["checkpoint"] = str(path)
     if settings.export.adapter:
         from llmk_lab.export import export_adapter  # adapter/ where it reproduces the run, checked like model/
@@ -361,7 +370,9 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
 
                 ctx.module.test_outputs = record_test_stage(ctx, trainer)
             metrics.update(evaluate(trainer, ctx.module, datamodule))
-        hardware.leave_distributed(trainer)  # a distributed run's other ranks end here; rank zero goes on alone
+        # A distributed run's other ranks end here (an FSDP run's after gathering its model onto rank zero and
+        # saving the checkpoint with it); rank zero goes on alone.
+        hardware.leave_distributed(trainer, final_checkpoint(settings, run_dir))
         with stages.stage("parameter_counts"):
             params = parameter_counts(ctx.model)
             metrics.update({f"params/{k}": v for k, v in params.items()})

@@ -1,4 +1,4 @@
-"""GPU paths: mixed precision training, DDP on two GPUs, 2:4 semi-structured sparse kernels, int8 through torchao.
+"""GPU paths: mixed precision training, DDP on two GPUs, FSDP, 2:4 semi-structured sparse kernels, int8 through torchao.
 
 Marked `gpu` and skipped without CUDA (`pytest -m gpu` on a GPU machine). Correctness only: latency
 figures come from `benchmarks/gpu_kernels.py`, not from timed tests.
@@ -55,6 +55,31 @@ def test_ddp_on_two_gpus_matches_one_gpu_with_the_same_effective_batch(tmp_path)
     assert two["train/world_size"] == 2 and two["train/effective_batch_size"] == one["train/effective_batch_size"]
     assert two["test/loss"] == pytest.approx(one["test/loss"], abs=1e-3)  # cuBLAS sums in its own order
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["run"]
+
+
+def test_fsdp_on_gpus_matches_one_gpu_and_exports_the_whole_model(tmp_path):
+    """hardware=fsdp on up to two GPUs (one GPU: FSDP without sharding, the same code path): the figures rank
+    zero measures alone, its exports and the checkpoint every process saves are of the whole model, and the
+    metrics those of one GPU with the same effective batch (tests/test_hardware.py runs the same on CPU)."""
+    from tests.test_hardware import DDP_RUN, _cli_run
+
+    n = min(torch.cuda.device_count(), 2)
+    for name in ("one", "fsdp", "scratch"):
+        (tmp_path / name).mkdir()
+    job = [o for o in DDP_RUN if o != "export.checkpoint=false"] + ["compression=magnitude", "export.checkpoint=true"]
+    one = _cli_run([*job, "hardware=gpu", "hardware.precision=32-true", "train.batch_size=16"], tmp_path / "one",
+                   tmp_path / "scratch")
+    fsdp = _cli_run([*job, "hardware=fsdp", f"hardware.devices={n}", "hardware.precision=32-true",
+                     f"train.batch_size={16 // n}"], tmp_path / "fsdp", tmp_path / "scratch")
+    assert fsdp["train/world_size"] == n and fsdp["train/effective_batch_size"] == one["train/effective_batch_size"]
+    for key in ("params/total", "params/nonzero", "params/trainable", "sparsity/pruned_layers",
+                "sparsity/after_merge", "export/model_agreement"):
+        assert fsdp[key] == one[key], key
+    assert fsdp["test/loss"] == pytest.approx(one["test/loss"], abs=1e-3)  # cuBLAS sums in its own order
+    states = [torch.load(tmp_path / name / "run" / "checkpoints" / "last.ckpt", map_location="cpu",
+                         weights_only=False)["state_dict"] for name in ("one", "fsdp")]
+    assert {k: v.shape for k, v in states[0].items()} == {k: v.shape for k, v in states[1].items()}
+    assert sorted(p.name for p in (tmp_path / "fsdp").iterdir()) == ["run"]
 
 
 def _two_four(weight: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -383,12 +384,13 @@ DDP_RUN = ["model=tiny_bert", "+model.from_config.hidden_dropout_prob=0.0",
            "export.checkpoint=false", "peft=lora", "peft.dropout=0.0", "measure.latency_batch_sizes=[]"]
 
 
-def _cli_run(args: list[str], cwd, scratch) -> dict:
+def _cli_run(args: list[str], cwd, scratch, extra_env: dict | None = None) -> dict:
     import json
 
     from tests.conftest import run_cli
 
-    out = run_cli([*args, "hydra.run.dir=run"], cwd, env={"TMPDIR": str(scratch), "OMP_NUM_THREADS": "1"})
+    out = run_cli([*args, "hydra.run.dir=run"], cwd, env={"TMPDIR": str(scratch), "OMP_NUM_THREADS": "1",
+                                                          **(extra_env or {})})
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads((cwd / "run" / "metrics.json").read_text())
 
@@ -478,3 +480,59 @@ def test_an_interrupted_ddp_job_resumes_from_its_checkpoint_on_every_rank(tmp_pa
     assert "failed_stage" not in resumed and resumed["train/steps"] == 3  # nothing trained twice
     assert resumed["train/world_size"] == 2 and 0 <= resumed["test/acc"] <= 1
     assert not (run_dir / "checkpoints" / "resume.ckpt").exists()  # the job completed
+
+
+@pytest.mark.parametrize("overrides, says", [
+    (["compression=gradual_magnitude", "peft=full"], "compression.method='gradual_magnitude': it prunes weights while"),
+    (["compression=dynamic_int8"], "compression.method='dynamic_int8': it compresses the trained model"),
+    (["compression=magnitude", "peft=full"], "compression.method='magnitude' and peft.method='full'"),
+    (["compression=wanda", "peft=top_layers"], "compression.method='wanda' and peft.method='top_layers'"),
+    (["peft=adalora"], "peft.method='adalora': it scores its updates from their whole gradients"),
+    (["train.monitor=val/acc"], "train.monitor='val/acc': the selected checkpoint is loaded back")])
+def test_fsdp_refuses_what_its_sharded_parameters_rule_out_in_one_line(overrides, says):
+    from llmk_lab.errors import UserError
+
+    with pytest.raises(UserError, match="hardware.strategy='fsdp' cannot be combined with " + re.escape(says)) as err:
+        _settings(["hardware=fsdp", *overrides])
+    assert "\n" not in str(err.value) and "hardware.strategy=ddp" in str(err.value)
+    _settings(overrides)  # the same without FSDP plans
+    # What FSDP serves: one-shot compression under a strategy that keeps the pruned weights frozen, full
+    # fine-tuning of an unpruned model.
+    for allowed in (["compression=wanda", "peft=lora"], ["compression=structured", "peft=full"],
+                    ["compression=none", "peft=full"], ["compression=distillation", "peft=ia3"]):
+        assert _settings(["hardware=fsdp", *allowed]).hardware.strategy == "fsdp"
+
+
+@pytest.mark.slow
+def test_fsdp_on_two_cpu_processes_matches_one_process_and_exports_the_whole_model(tmp_path):
+    """Rank zero measures and exports alone, after FSDP's shards are gathered into its model: the counts,
+    exports and checkpoint are of the whole model, and the metrics those of one process with the same
+    effective batch. Lightning's FSDP is for GPUs; `tests/fsdp_on_cpu` lifts its CPU-only obstacles."""
+    import json
+    import os
+
+    from tests.conftest import ROOT
+
+    job = [o for o in DDP_RUN if o != "export.checkpoint=false"] + ["compression=magnitude", "export.checkpoint=true"]
+    for name in ("one", "two", "scratch"):
+        (tmp_path / name).mkdir()
+    one = _cli_run([*job, "train.batch_size=16"], tmp_path / "one", tmp_path / "scratch")
+    shim = {"PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT / "tests" / "fsdp_on_cpu"),
+                                                         os.environ.get("PYTHONPATH")])),
+            "LLMK_LAB_TEST_FSDP_ON_CPU": "1"}
+    two = _cli_run([*job, "train.batch_size=8", "hardware.strategy=fsdp", "hardware.devices=2"], tmp_path / "two",
+                   tmp_path / "scratch", extra_env=shim)
+    assert (one["train/world_size"], two["train/world_size"]) == (1, 2) and two["train/steps"] == 3
+    assert json_manifest(tmp_path / "two" / "run")["hardware"]["processes_per_job"] == 2
+    for key in ("val/acc", "test/acc", "test/macro_f1", "params/total", "params/nonzero", "params/trainable",
+                "sparsity/pruned_layers", "sparsity/after_merge", "export/model_agreement"):
+        assert two[key] == one[key], key
+    for key in ("val/loss", "test/loss"):
+        assert two[key] == pytest.approx(one[key], abs=1e-4), key
+    # The checkpoint all processes saved holds every weight whole, as one process's does.
+    states = [torch.load(tmp_path / name / "run" / "checkpoints" / "last.ckpt", map_location="cpu",
+                         weights_only=False)["state_dict"] for name in ("one", "two")]
+    assert {k: v.shape for k, v in states[0].items()} == {k: v.shape for k, v in states[1].items()}
+    assert max(float((states[0][k].float() - states[1][k].float()).abs().max()) for k in states[0]) < 1e-3
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["run"]
+    assert json.loads((tmp_path / "two" / "run" / "model" / "config.json").read_text())["hidden_size"] == 32

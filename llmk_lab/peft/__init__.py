@@ -26,6 +26,9 @@ class PeftStrategy:
     # Whether the strategy finds its layers by their roles in a transformer block (q/k/v/o, feed-forward):
     # compression that replaces those layers by something else (low_rank's factor pairs) leaves it none.
     finds_layers_by_role: bool = False
+    # Whether training reads every trained parameter's whole gradient (AdaLoRA's sensitivity scores): FSDP gives
+    # each process only its shard of them, so plan() refuses hardware.strategy=fsdp with it.
+    reads_whole_gradients: bool = False
     # How the folder `save_adapter` writes loads without llmk_lab onto the base the run started from:
     # PEFT_FOLDER (peft's `PeftModel.from_pretrained`), TRAINED_TENSORS (the trained parameters of the model's
     # own modules: `load_state_dict` into the base), or None (it does not; `adapter_refusal` says why).

@@ -144,6 +144,7 @@ class RankAllocation(pl.Callback):
 @PEFT.register("adalora", config=AdaLoraConfig)
 class AdaLoRA(PeftLibraryStrategy):
     masks_its_update = True
+    reads_whole_gradients = True  # the rank allocator scores each update from its weight and gradient
     def apply(self, model, ctx):
         s = self.settings
         config = PeftAdaLoraConfig(
