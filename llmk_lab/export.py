@@ -18,6 +18,10 @@ At the end of a run (`export.model=true`, the default) three things go into the 
 - in `metrics.json`: `export/model_agreement` (share of identical predictions after reloading),
   `export/model_max_abs_diff`, and the zero fraction of the linear layers before and after.
 
+With `export.adapter=true` (the default), `adapter/` holds the adapter alone, for the base the run started
+from, where loading it that way without llmk_lab reproduces the run (`export_adapter`; `export/adapter`,
+`export/adapter_agreement`), and `export/adapter` says why not otherwise.
+
 `python -m llmk_lab.export RUN_DIR [--onnx]` checks `model/` again, and writes and checks
 `onnx/model.onnx` for classification runs (onnxruntime, the `onnx` extra).
 """
@@ -531,10 +535,22 @@ def _write_adapter(ctx, strategy, dest: Path) -> Optional[str]:
         "pruned_base": PRUNED_BASE if pruned else None})
     (dest / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     ctx.reports["export/adapter_format"] = info["format"]
+    # The examples model/ is checked on (CHECK_EXAMPLES), with the test stage's outputs where it kept them.
+    batch_size = ctx.settings.train.eval_batch_size
     inputs = reference_inputs(task, ctx.tokenizer, ctx.datamodule.splits["test"])
-    ours, _ = run_outputs(ctx, inputs)  # the test stage's outputs where it kept them (export.model=true)
+    record = getattr(ctx.module, "test_outputs", None)
+    ours = record.outputs(inputs, model)[0] if record is not None else None
+    picked = check_subset(inputs, batch_size, CHECK_EXAMPLES)
+    if picked is not None:
+        inputs = {k: v[picked] for k, v in inputs.items()}
+        ours = ours[picked] if ours is not None else None
+    if ours is None:  # no usable test-stage outputs (`reference.run_outputs`): the trained model on these only
+        was_training = model.training
+        ours = outputs_by_length(model, task.registered_name, inputs, batch_size)
+        model.train(was_training)
+    ctx.reports["export/adapter_checked_examples"] = len(ours)
     reloaded = load_adapter_folder(dest, info)
-    theirs = outputs_by_length(reloaded, task.registered_name, inputs, ctx.settings.train.eval_batch_size)
+    theirs = outputs_by_length(reloaded, task.registered_name, inputs, batch_size)
     figures, reason = compare_outputs(task.registered_name, ours, theirs, inputs.get("labels"))
     ctx.reports.update({f"export/adapter_{k}": v for k, v in figures.items()})
     return reason

@@ -357,6 +357,7 @@ def adapter_runs(tmp_path_factory, base_dir):
     root = tmp_path_factory.mktemp("adapters")
     on_base = FAST + topic_csv(root) + [f"model.name_or_path={base_dir}", "model.from_config=null"]
     cases = {"lora": ["compression=none", "peft=lora"],
+             "lora_without_model": ["compression=none", "peft=lora", "export.model=false"],
              "pruned_bitfit": ["compression=magnitude", "compression.sparsity=0.5", "peft=bitfit"],
              "pruned_prompt": ["compression=magnitude", "compression.sparsity=0.5", "peft=prompt",
                                "peft.num_virtual_tokens=4"]}
@@ -376,12 +377,21 @@ def test_adapter_reloaded_on_its_base_predicts_as_the_run(adapter_runs, case, fo
     assert metrics["export/adapter"] == str(folder) and metrics["exports"]["adapter"] == str(folder)
     assert metrics["export/adapter_format"] == form
     assert metrics["export/adapter_agreement"] == 1.0 and metrics["export/adapter_max_abs_diff"] < 1e-5
+    assert metrics["export/adapter_checked_examples"] == 20  # the whole tiny test split
     assert (folder / PRUNED_BASE).exists() == case.startswith("pruned")
     # the run's own check, repeated: the loader gives the run's test outputs
     inputs, reference = export.load_reference(run_dir)
     outputs = export.model_outputs(export.load_adapter_folder(folder), "sequence_classification", inputs)
     assert torch.equal(outputs.argmax(-1), reference.argmax(-1))
     assert float((outputs - reference).abs().max()) < 1e-5
+
+
+def test_adapter_is_checked_without_model_export_too(adapter_runs):
+    """export.model=false keeps no test-stage outputs: the trained model is run on the checked examples."""
+    metrics = read_metrics(adapter_runs["lora_without_model"])
+    assert metrics["export/adapter_agreement"] == 1.0 and metrics["export/adapter_max_abs_diff"] < 1e-5
+    assert metrics["export/adapter_checked_examples"] == 20 and "export/model" not in metrics
+    assert (adapter_runs["lora_without_model"] / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_adapters_load_as_the_readme_shows_without_llmk_lab(adapter_runs):
