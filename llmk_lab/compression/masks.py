@@ -169,10 +169,12 @@ def _plain_name(name: str) -> str:
 def save_pruned_base(model: nn.Module, directory) -> bool:
     """Write the pruned layers of `model`'s base (weights and masks) next to its adapter.
 
-    The adapter was trained over the pruned base, (W * M + dW) * M for LoRA, not over the base anyone can
-    download; with these layers `load_pruned_base` rebuilds that base, and the adapter on it reproduces the
-    run. (SparseGPT also changes the weights it keeps, so the masks alone would not do.) False when the
-    model has no pruned layer."""
+    The adapter was trained over the pruned base, not over the base anyone can download; with these layers
+    (plain `load_state_dict` of the weights, or `load_pruned_base` with the masks) the base is that one
+    again, and the adapter on it reproduces the run (`export.export_adapter` checks it; LoRA's masked update
+    is no plain peft adapter, so a pruned LoRA run ships none). SparseGPT also changes the weights it keeps,
+    so the masks alone would not do. Names are those of the plain model when `model` is (a PeftModel's
+    `get_base_model()`). False when the model has no pruned layer."""
     from pathlib import Path
 
     from safetensors.torch import save_file
@@ -195,8 +197,8 @@ def save_pruned_base(model: nn.Module, directory) -> bool:
 @torch.no_grad()
 def load_pruned_base(base_model: nn.Module, directory) -> nn.Module:
     """Put the pruned layers saved by `save_pruned_base` into a plain base model (the one the run loaded),
-    masks included; then load the adapter onto it (peft: `PeftModel.from_pretrained`, then
-    `peft.lora.mask_lora_updates` so LoRA's update keeps the zeros, as in training)."""
+    masks included (so training on with llmk_lab keeps the zeros); then load the adapter onto it (peft:
+    `PeftModel.from_pretrained`)."""
     from pathlib import Path
 
     from safetensors.torch import load_file
