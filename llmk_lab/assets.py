@@ -338,6 +338,17 @@ def checksum(name: str) -> str:
     return ASSETS[name].archive_sha256
 
 
+def refuse_missing_model_path(reference: str, key: str) -> None:
+    """A model or tokenizer reference meant as a local path (not `asset:NAME`, not a hub id `name` or
+    `org/name`) that does not exist: one line naming the key. Light: the command line checks it before a run
+    imports torch."""
+    if reference.startswith("asset:") or Path(reference).expanduser().exists():
+        return
+    if reference.startswith(("/", ".", "~")) or reference.count("/") > 1:
+        raise UserError(f"{key}={reference!r}: no such directory; give an existing local model directory, "
+                        f"a hub model id, or asset:NAME (one of {names('model')})")
+
+
 def resolve(reference: str) -> tuple[str, Optional[str]]:
     """`asset:NAME` -> (local path, asset name); any other string is returned as is."""
     if reference.startswith("asset:"):

@@ -38,8 +38,9 @@ TASKS = {
     "token_classification": ["model=tiny_bert", "data=wnut16", "data.max_length=32"],
     # Review sentences as LM text: the composition is what is tested, and Shakespeare's 900k words cost
     # seconds per cell to read and window.
-    "causal_lm": ["model=tiny_llama", "data=movie_reviews", "data.task=causal_lm", "data.max_length=32"],
-    "masked_lm": ["model=tiny_bert", "data=movie_reviews", "data.task=masked_lm"],
+    # The LM tasks score every position over a 30k vocabulary: 16 positions per example keep that small.
+    "causal_lm": ["model=tiny_llama", "data=movie_reviews", "data.task=causal_lm", "data.max_length=16"],
+    "masked_lm": ["model=tiny_bert", "data=movie_reviews", "data.task=masked_lm", "data.max_length=16"],
 }
 FULL_TASK = "sequence_classification"
 # The other tasks get a slice: every PEFT strategy over one pruning method, and every compression method
@@ -48,8 +49,11 @@ SLICE_COMPRESSION, SLICE_PEFT = "magnitude", "lora"
 
 # Settings that make an option's default cheap or meaningful on a 2-step, 16-example run; an option not
 # listed runs with its YAML defaults (so a newly registered method needs nothing here to join). Calibration
-# sets need no entry: they are drawn from the 16 training examples.
+# sets: the 16 training examples, and for the causal LM 16 of its windows (it would draw 128 from the stream).
 TINY_SETTINGS = {
+    "wanda": ["compression.calibration_examples=16"],
+    "sparsegpt": ["compression.calibration_examples=16"],
+    "structured": ["compression.calibration_examples=16"],
     "adalora": ["peft.tinit=0", "peft.tfinal=0", "peft.deltaT=1", "peft.init_r=4", "peft.target_r=2"],
     "prefix": ["peft.num_virtual_tokens=4"],
     "prompt": ["peft.num_virtual_tokens=4"],

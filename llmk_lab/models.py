@@ -22,13 +22,10 @@ def _resolve(reference: str, key: str) -> tuple[str, str | None]:
     path, asset = assets.resolve(reference)
     if asset is not None:
         return path, asset
+    assets.refuse_missing_model_path(reference, key)  # hub ids are `name` or `org/name`, the rest local paths
     local = Path(reference).expanduser()
     if local.exists():
         return str(local), None
-    # Hub ids are `name` or `org/name`; anything else is meant as a local path.
-    if reference.startswith(("/", ".", "~")) or reference.count("/") > 1:
-        raise UserError(f"{key}={reference!r}: no such directory; give an existing local model directory, "
-                        f"a hub model id, or asset:NAME (one of {assets.names('model')})")
     return reference, None
 
 

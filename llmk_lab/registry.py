@@ -266,6 +266,8 @@ def check_values_lightly(cfg: Any) -> None:
     The run's own `plan` checks everything again, combinations included."""
     from llmk_lab.config import RunConfig
 
+    from llmk_lab.assets import refuse_missing_model_path
+
     plain = OmegaConf.to_container(cfg, resolve=True)
     for field in dataclasses.fields(RunConfig):
         node = plain.get(field.name)
@@ -277,6 +279,13 @@ def check_values_lightly(cfg: Any) -> None:
                 with _stand_ins():
                     to_settings(schema, node, field.name)
                     _check_nested_options(node, field.name)
+    # A model path that does not exist (often one another experiment writes), in the order the run loads them.
+    model = plain.get("model") or {}
+    if model.get("tokenizer") or model.get("name_or_path"):
+        refuse_missing_model_path(model.get("tokenizer") or model["name_or_path"],
+                                  "model.tokenizer" if model.get("tokenizer") else "model.name_or_path")
+    if model.get("from_config") is None and model.get("name_or_path"):
+        refuse_missing_model_path(model["name_or_path"], "model.name_or_path")
 
 
 def _check_nested_options(node: dict, path: str) -> None:

@@ -149,6 +149,12 @@ def test_bad_values_are_refused_by_the_light_check_with_the_full_key():
                           "{method: magnitude, sparsity: 2.0}]"])
     with pytest.raises(UserError, match=r"compression\.steps\[1\]\.sparsity=2\.0"):
         check_values_lightly(cfg)
+    # A model directory that does not exist (one another experiment writes, say): before torch is imported.
+    for override, key in (("model.name_or_path=outputs/pretrain/merged", "model.name_or_path"),
+                          ("model.tokenizer=./no/tokenizer", "model.tokenizer")):
+        with pytest.raises(UserError, match=re.escape(f"{key}='{override.split('=')[1]}': no such directory")):
+            check_values_lightly(compose_config([override]))
+    check_values_lightly(compose_config(["model=tiny_bert"]))  # asset:NAME and from_config pass
 
 
 # ------------------------------------------------------------------ hardware settings

@@ -60,6 +60,34 @@ def test_same_seed_gives_identical_metrics(tmp_path, tiny):
     assert {k: a[k] for k in keys} == {k: b[k] for k in keys}
 
 
+def test_the_tokenisation_cache_gives_back_what_was_tokenised(tmp_path, monkeypatch):
+    """Splits of 1-D tensors (a causal LM's windows) are stored packed, one tensor per key; they come back as
+    the same examples, each its own tensor; other splits (lists of ids) as they were."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from llmk_lab.data import module
+
+    monkeypatch.setenv("LLMK_LAB_CACHE", str(tmp_path / "cache"))
+    windows = [{"input_ids": torch.arange(i, i + n)} for i, n in enumerate((5, 3, 8))]
+    lists = [{"input_ids": [1, 2, 3], "label": 0}, {"input_ids": [4], "label": 1}]
+    splits = {"train": windows, "validation": lists, "test": []}
+    task = SimpleNamespace(registered_name="t", tokenize_split=lambda tok, examples, cfg, split: splits[split])
+    raw = SimpleNamespace(fingerprint=lambda: "raw", splits=splits)
+    cfg = SimpleNamespace(max_length=8, options={}, split_seed=0)
+    monkeypatch.setattr(module, "tokenizer_fingerprint", lambda tokenizer: "tok")
+    first, hit = module.tokenize_cached(raw, task, None, cfg)
+    assert not hit and first == splits
+    stored = torch.load(next((tmp_path / "cache" / "tokenized").glob("*.pt")), weights_only=True)
+    assert set(stored["train"]) == {"columns", "lengths"}  # one tensor for the three windows
+    again, hit = module.tokenize_cached(raw, task, None, cfg)
+    assert hit and [e["input_ids"].tolist() for e in again["train"]] == [e["input_ids"].tolist() for e in windows]
+    assert again["validation"] == lists and again["test"] == []
+    ids = [e["input_ids"] for e in again["train"]]
+    assert all(t.dtype == torch.int64 and t.untyped_storage().nbytes() == t.numel() * 8 for t in ids)
+
+
 def test_tokenisation_is_cached_by_fingerprint(tmp_path, tiny, monkeypatch):
     monkeypatch.setenv("LLMK_LAB_CACHE", str(tmp_path / "cache"))
     first = run_config(tiny, tmp_path / "a")

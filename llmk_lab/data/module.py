@@ -19,7 +19,7 @@ from llmk_lab.data import SPLITS, RawData
 log = logging.getLogger(__name__)
 
 # Bump when what a task's tokenisation produces changes, so stale cache entries are not reused.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -40,14 +40,34 @@ def tokenize_cached(raw: RawData, task, tokenizer, data_cfg) -> tuple[dict[str, 
     key = cache_key(raw, task.registered_name, tokenizer, data_cfg)
     path = cache_root() / "tokenized" / f"{key}.pt"
     if path.exists():
-        return torch.load(path, weights_only=True), True
+        return {split: _unpacked(packed) for split, packed in torch.load(path, weights_only=True).items()}, True
     splits = {split: task.tokenize_split(tokenizer, raw.splits[split], data_cfg, split) for split in SPLITS}
     path.parent.mkdir(parents=True, exist_ok=True)
     # Write then rename, so a parallel job never reads a half-written file.
     with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as handle:
-        torch.save(splits, handle)
+        torch.save({split: _packed(examples) for split, examples in splits.items()}, handle)
     os.replace(handle.name, path)
     return splits, False
+
+
+def _packed(examples: list) -> dict:
+    """A split whose examples are dicts of 1-D tensors (a causal LM's windows) as one tensor per key and the
+    examples' lengths: a cache of thousands of small tensors takes a second to load, a few large ones none."""
+    keys = list(examples[0]) if examples and isinstance(examples[0], dict) else []
+    if not keys or not all(isinstance(e, dict) and list(e) == keys and
+                           all(isinstance(e[k], torch.Tensor) and e[k].dim() == 1 for k in keys) for e in examples):
+        return {"examples": examples}
+    return {"columns": {k: torch.cat([e[k] for e in examples]) for k in keys},
+            "lengths": {k: torch.tensor([len(e[k]) for e in examples]) for k in keys}}
+
+
+def _unpacked(packed: dict) -> list:
+    if "examples" in packed:
+        return packed["examples"]
+    keys = list(packed["columns"])
+    # Each example its own tensor again (clones, not views into one storage), as the task tokenised it.
+    columns = [[t.clone() for t in torch.split(packed["columns"][k], packed["lengths"][k].tolist())] for k in keys]
+    return [dict(zip(keys, values)) for values in zip(*columns)]
 
 
 class TaskDataModule(pl.LightningDataModule):
