@@ -82,6 +82,7 @@ def test_unit_messages():
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 
 
+@pytest.mark.slow  # MiniLM and W&B; tests/test_cli.py checks the same output of a tiny checkpoint in the quick tier
 def test_a_run_says_each_thing_once_in_plain_text(tmp_path):
     """A real checkpoint with a new head, W&B offline, output to a pipe: no ANSI codes, no library bars or
     repeated reports, epochs counted from 1, no logger version id."""
