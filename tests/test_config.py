@@ -1,5 +1,7 @@
 """The config composes, every experiment composes, and schema errors name the key."""
 
+from pathlib import Path
+
 import pytest
 from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import OmegaConfBaseException
@@ -92,3 +94,23 @@ def test_every_experiment_runs_with_fast_dev_run(tmp_path, name):
                           "data.limit_train=32", "data.limit_eval=4", *STANDALONE.get(name, [])], tmp_path)
     assert (tmp_path / "metrics.json").exists()
     assert any(key.startswith("test/") for key in metrics)
+
+
+def test_every_group_option_passes_the_light_value_check_with_its_defaults():
+    """The light check runs each schema's `__post_init__` without its module (before torch is imported):
+    a check that reads a module global would refuse every run of that option."""
+    from llmk_lab.cli import config_dir
+    from llmk_lab.registry import check_values_lightly
+
+    conf = Path(config_dir())
+    for group in ("peft", "compression"):
+        for option in sorted(p.stem for p in (conf / group).glob("*.yaml")):
+            check_values_lightly(compose_config([f"{group}={option}"]))
+
+
+def test_light_value_check_refuses_a_bad_adapter_activation_in_one_line():
+    from llmk_lab.errors import UserError
+    from llmk_lab.registry import check_values_lightly
+
+    with pytest.raises(UserError, match="activation.*swish.*gelu"):
+        check_values_lightly(compose_config(["peft=adapter", "peft.activation=swish"]))

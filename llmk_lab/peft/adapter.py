@@ -51,7 +51,10 @@ class AdapterConfig:
 
     def __post_init__(self):
         check(self.bottleneck >= 1, "bottleneck", self.bottleneck, "an integer >= 1")
-        check(self.activation in ACTIVATIONS, "activation", self.activation, f"one of {sorted(ACTIVATIONS)}")
+        # Names spelled out here: the light value check (before torch is imported) runs this method
+        # without the module's globals, so it cannot read ACTIVATIONS.
+        allowed = ("gelu", "relu", "silu", "tanh")
+        check(self.activation in allowed, "activation", self.activation, f"one of {list(allowed)}")
         check(self.init_std > 0, "init_std", self.init_std, "a positive number")
 
 
