@@ -156,6 +156,19 @@ def mask_merged_updates(module: nn.Module) -> None:
     module.get_delta_weight = types.MethodType(_masked_delta_weight, module)
 
 
+def route_masked_updates(model: nn.Module, layer_type: type, masked_forward: Callable) -> int:
+    """Route every `layer_type` adapter layer over a pruned base through `masked_forward` (from
+    `masked_update_forward`) and the masked merge; returns how many layers. LoRA and AdaLoRA call it with
+    their own layer type and update."""
+    patched = 0
+    for module in model.modules():
+        if isinstance(module, layer_type) and hasattr(module.base_layer, MASK):
+            module.forward = types.MethodType(masked_forward, module)
+            mask_merged_updates(module)
+            patched += 1
+    return patched
+
+
 # Next to a pruned run's adapter: the pruned base layers (weights as compressed, zeros included) and their masks.
 PRUNED_BASE = "pruned_base.safetensors"
 

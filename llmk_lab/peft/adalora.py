@@ -10,7 +10,6 @@ parameters (peft masks, it does not shrink).
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -18,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from peft import AdaLoraConfig as PeftAdaLoraConfig
 
-from llmk_lab.compression.masks import MASK, mask_merged_updates, masked_update_forward
+from llmk_lab.compression.masks import masked_update_forward, route_masked_updates
 from llmk_lab.errors import UserError, check
 from llmk_lab.architectures import architecture
 from llmk_lab.peft import PEFT, resolve_targets
@@ -73,13 +72,7 @@ _masked_svd_forward = masked_update_forward(
 def mask_svd_updates(model) -> int:
     from peft.tuners.adalora.layer import SVDLinear
 
-    patched = 0
-    for module in model.modules():
-        if isinstance(module, SVDLinear) and hasattr(module.base_layer, MASK):
-            module.forward = types.MethodType(_masked_svd_forward, module)
-            mask_merged_updates(module)
-            patched += 1
-    return patched
+    return route_masked_updates(model, SVDLinear, _masked_svd_forward)
 
 
 def ranks_in_use(model) -> dict[str, int]:

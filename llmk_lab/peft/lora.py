@@ -5,14 +5,13 @@ Trainable parameters: for every target linear d_in -> d_out, r * (d_in + d_out)
 """
 from __future__ import annotations
 
-import types
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
-from llmk_lab.compression.masks import MASK, mask_merged_updates, masked_update_forward
+from llmk_lab.compression.masks import MASK, masked_update_forward, route_masked_updates
 from llmk_lab.errors import UserError, check
 from llmk_lab.architectures import architecture
 from llmk_lab.peft import PEFT, PEFT_FOLDER, PeftStrategy, resolve_targets
@@ -54,13 +53,7 @@ def mask_lora_updates(model) -> int:
     the masked update merged)."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    patched = 0
-    for module in model.modules():
-        if isinstance(module, LoraLinear) and hasattr(module.base_layer, MASK):
-            module.forward = types.MethodType(_masked_lora_forward, module)
-            mask_merged_updates(module)
-            patched += 1
-    return patched
+    return route_masked_updates(model, LoraLinear, _masked_lora_forward)
 
 
 def wrap(model, config, key: str = "peft.target_modules"):
