@@ -155,8 +155,9 @@ NO_MEASUREMENTS = ["measure.latency_batch_sizes=[]", "measure.size=false", "meas
                    "hardware.threads=1"]
 
 
-def test_interrupted_job_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch):
-    """A crash at step 3 leaves the step-2 checkpoint; `sweep.resume=true` trains only the remaining steps."""
+def _crash_after_a_checkpoint(tmp_path: Path, monkeypatch) -> list[str]:
+    """Run a tiny job that checkpoints every 2 steps and crashes at step 3 (leaving the step-2 checkpoint);
+    returns its overrides, with training restored for the next attempt."""
     from llmk_lab.module import TaskModule
 
     overrides = TINY + ["sweep.checkpoint_every_n_steps=2", *NO_MEASUREMENTS, "export.adapter=false"]
@@ -172,6 +173,12 @@ def test_interrupted_job_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch
         run_config(overrides, tmp_path)
     assert resume_checkpoint_path(tmp_path).exists()
     monkeypatch.setattr(TaskModule, "training_step", original)
+    return overrides
+
+
+def test_interrupted_job_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch):
+    """A crash at step 3 leaves the step-2 checkpoint; `sweep.resume=true` trains only the remaining steps."""
+    overrides = _crash_after_a_checkpoint(tmp_path, monkeypatch)
     metrics = run_config(overrides + ["sweep.resume=true"], tmp_path)
     # 64 examples / batch 16 = 4 steps in all; only the 2 after the checkpoint ran again
     assert metrics["train/steps"] == 4 and metrics["train/examples"] == 32
@@ -181,21 +188,7 @@ def test_interrupted_job_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path: Path, monkeypatch):
     """A resume checkpoint written under a different config (here another learning rate) is discarded:
     the job starts over instead of continuing a different experiment's training."""
-    from llmk_lab.module import TaskModule
-
-    overrides = TINY + ["sweep.checkpoint_every_n_steps=2", *NO_MEASUREMENTS, "export.adapter=false"]
-    original = TaskModule.training_step
-
-    def crash_at_step_3(self, batch, batch_idx):
-        if self.global_step == 3:
-            raise RuntimeError("simulated crash")
-        return original(self, batch, batch_idx)
-
-    monkeypatch.setattr(TaskModule, "training_step", crash_at_step_3)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        run_config(overrides, tmp_path)
-    assert resume_checkpoint_path(tmp_path).exists()
-    monkeypatch.setattr(TaskModule, "training_step", original)
+    overrides = _crash_after_a_checkpoint(tmp_path, monkeypatch)
     metrics = run_config(overrides + ["train.lr=2e-3", "sweep.resume=true"], tmp_path)
     assert metrics["train/steps"] == 4 and metrics["train/examples"] == 64  # all 4 steps, from the start
 
