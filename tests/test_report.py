@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,8 +47,9 @@ def test_report_to_wandb_updates_one_run_per_sweep(tmp_path, monkeypatch, capfd)
     for _ in range(2):
         write_report(sweep_dir, wandb=True)
     runs = sorted((sweep_dir / "wandb").glob("offline-run-*"))
-    assert runs and {p.name.rsplit("-", 1)[-1] for p in runs} == {"report"}  # one run id: <group>-report
-    assert len({p.name.split("-", 2)[2].split("-", 1)[1] for p in runs}) == 1
+    # offline-run-<YYYYMMDD_HHMMSS>-<run id>, and W&B appends -<n> when two runs start in the same second
+    ids = {re.fullmatch(r"offline-run-\d{8}_\d{6}-(.+?)(?:-\d+)?", p.name).group(1) for p in runs}
+    assert runs and len(ids) == 1 and ids.pop().endswith("-report")  # one run id: <group>-report
     out, err = capfd.readouterr()
     assert not [line for line in (out + err).splitlines() if line.lower().startswith("wandb")]
 
