@@ -10,12 +10,14 @@
 set -euo pipefail
 SWEEP=${SWEEP:-outputs/llm_pruning}
 calibration=(compression.n_calibration=16)
+# Every job runs on one torch thread (hardware.threads=1 below): the same float reduction order on any
+# machine, so the same config gives the same perplexities, and two studies can share a 2-core machine.
 
 sweep() {  # sweep NAME OVERRIDES...: jobs land in $SWEEP/NAME_<job number>
     local name=$1
     shift
     python -m llmk_lab -m +experiment=smollm2_pruning "hydra.sweep.dir=$SWEEP" \
-        "hydra.sweep.subdir=${name}_\${hydra.job.num}" sweep.resume=true "$@"
+        "hydra.sweep.subdir=${name}_\${hydra.job.num}" sweep.resume=true hardware.threads=1 "$@"
 }
 n_m() { echo "compression.sparsity=0.5 compression.prune_n=$1 compression.prune_m=$2"; }
 

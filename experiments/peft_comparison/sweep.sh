@@ -13,7 +13,9 @@ SWEEP=${SWEEP:-outputs/peft_comparison}
 # 3,000 training sentences, 2 epochs (376 optimiser steps of 16); 1,000 validation and 1,000 test sentences.
 # Mean pooling of the last hidden states for every strategy: the checkpoint is a sentence-transformers model
 # trained to be read that way (its BERT pooler was not trained for it; see README).
-BUDGET=(compression=none logger=csv data.limit_train=3000 train.max_epochs=2 train.pooling=mean
+# One torch thread per job: the same float reduction order on any machine (same metrics at the same seed),
+# and two studies can share a 2-core machine without oversubscribing it.
+BUDGET=(compression=none logger=csv data.limit_train=3000 train.max_epochs=2 train.pooling=mean hardware.threads=1
         export.checkpoint=false export.adapter=false export.model=false)
 
 declare -A GRID=(
