@@ -4,12 +4,12 @@
 #   nice -n 19 bash experiments/llm_pruning/sweep.sh            # SWEEP=<dir> to choose the directory
 # Several commands rather than one grid because Hydra sweeps are cartesian products: the N:M pairs
 # (2:4, 4:8) and the unstructured sparsities are not a product, and only the calibrated methods have
-# `n_calibration`; a multirun's base config is composed without its sweeps, so each method is its own
+# `calibration_examples`; a multirun's base config is composed without its sweeps, so each method is its own
 # command. Ordered by cost within each question: the 50 % comparison first, then N:M. Rerunning skips finished jobs
 # (sweep.resume=true), so an interrupted study continues where it stopped.
 set -euo pipefail
 SWEEP=${SWEEP:-outputs/llm_pruning}
-calibration=(compression.n_calibration=16)
+calibration=(compression.calibration_examples=16)
 # Every job runs on one torch thread (hardware.threads=1 below): the same float reduction order on any
 # machine, so the same config gives the same perplexities, and two studies can share a 2-core machine.
 
