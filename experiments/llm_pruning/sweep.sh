@@ -27,7 +27,7 @@ sweep wanda compression=wanda "${calibration[@]}" compression.sparsity=0.5
 sweep sparsegpt compression=sparsegpt "${calibration[@]}" compression.sparsity=0.5
 sweep magnitude_2of4 compression=magnitude $(n_m 2 4)
 # SparseGPT 50 % again with 8 calibration windows per forward pass (the preset's default is the
-# evaluation batch, 4): does the batching alone move SparseGPT's result? (README, "side script")
+# evaluation batch, 4): does the batching alone move SparseGPT's result? (README, "Reproduced")
 sweep sparsegpt_calbatch8 compression=sparsegpt "${calibration[@]}" compression.sparsity=0.5 \
     compression.calibration_batch_size=8
 sweep magnitude_4of8 compression=magnitude $(n_m 4 8)
