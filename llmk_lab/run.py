@@ -310,6 +310,8 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     # 4. one-shot compression; the uncompressed model is kept as the reference only when something compresses
     if any(m.dense_reference for m in p.methods):
         ctx.dense_model, ctx.reports["measure/reference"] = copy.deepcopy(model), AS_LOADED
+    for method in p.methods:  # every step refused before any step runs (a chain's teacher trains in before_fit)
+        method.check_model(model)
     for method in p.methods:
         method.before_fit(ctx)
     if ctx.dense_model is not None and not needs_reference(settings.measure):

@@ -97,8 +97,22 @@ def test_gradient_head_importance_keeps_the_heads_that_matter():
     ({"drop_layers": [7], "head_ratio": 0.0, "neuron_ratio": 0.0}, "do not exist"),
 ])
 def test_structured_bad_input_is_one_clear_line(settings, message):
-    with pytest.raises(UserError, match=message):
-        StructuredPruning(StructuredConfig(**settings)).before_fit(context(tiny_bert()))
+    for hook in ("check_model", "before_fit"):  # refused before any method runs, and by the step itself
+        method = StructuredPruning(StructuredConfig(**settings))
+        with pytest.raises(UserError, match=message):
+            method.check_model(tiny_bert()) if hook == "check_model" else method.before_fit(context(tiny_bert()))
+
+
+def test_a_chain_step_the_model_cannot_take_is_refused_before_the_teacher_trains(tmp_path, tiny, monkeypatch):
+    from llmk_lab.compression import distillation
+
+    trained = []
+    monkeypatch.setattr(distillation, "finetune_dense_teacher", lambda *a, **k: trained.append(1))
+    with pytest.raises(UserError, match=r"drop_layers=\[3\] names layers \[3\] that do not exist"):
+        run_config(tiny + ["compression=chain", "peft=full",
+                           "compression.steps=[{method: distillation}, {method: structured, head_ratio: 0,"
+                           " neuron_ratio: 0, drop_layers: [3]}]"], tmp_path)
+    assert trained == [] and not (tmp_path / "metrics.json").exists()
 
 
 def test_structured_run_reports_smaller_model(tmp_path, tiny):

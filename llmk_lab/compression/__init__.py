@@ -1,7 +1,8 @@
 """Compression methods: one file each, registered with their config schema.
 
 A method implements the hooks it needs; the others do nothing. `run` calls
-every hook of every configured method, in order: `before_fit(ctx)` (one-shot,
+every hook of every configured method, in order: `check_model(model)` (settings the
+loaded model cannot take, refused before anything runs), `before_fit(ctx)` (one-shot,
 on weights and calibration data), `callbacks(ctx)` (Lightning callbacks during
 fit), `loss_term(ctx)` (a term the training step adds to the task loss),
 `after_fit(ctx)` (post-training). What a method needs from the run it declares
@@ -53,6 +54,10 @@ class CompressionMethod:
     def refusal_with(self, strategy) -> Optional[str]:
         """Why this method (with its settings) cannot be combined with PEFT `strategy`, or None."""
         return None
+
+    def check_model(self, model) -> None:
+        """Refuse (UserError) settings the loaded model cannot take. Called for every method before any method's
+        `before_fit`, so a later step of a chain is refused before an earlier one trains (a distillation teacher)."""
 
     def before_fit(self, ctx) -> None:
         pass

@@ -266,6 +266,28 @@ class StructuredPruning(CompressionMethod):
                     "compression.head_ratio>0 removes heads; use compression.head_ratio=0 or another peft method")
         return None
 
+    def check_model(self, model) -> None:
+        arch = architecture(model)
+        self._layers_to_drop(len(arch.blocks))
+        if self.settings.head_ratio > 0:
+            self._heads_to_remove(arch)
+        if self.settings.neuron_ratio > 0:
+            _ffn(arch.blocks[0], arch)
+
+    def _heads_to_remove(self, arch):
+        """(the attention layout, heads per pool of query heads sharing a key/value head, how many to remove)."""
+        ratio = self.settings.head_ratio
+        attention = arch.attention(arch.blocks[0], f"compression.head_ratio={ratio}")
+        heads, kv_heads = attention.heads, attention.kv_heads
+        pool = head_pools(heads, kv_heads)
+        removed = round(ratio * pool)
+        if removed >= pool:
+            which = (f"{heads} heads of every layer" if pool == heads else
+                     f"{pool} query heads sharing each of the {kv_heads} key/value heads of every layer")
+            raise UserError(f"compression.head_ratio={ratio} would remove all {which}; allowed: a ratio "
+                            f"below {(pool - 0.5) / pool:.3f}")
+        return attention, pool, removed
+
     def before_fit(self, ctx) -> None:
         s = self.settings
         model = ctx.model
@@ -275,19 +297,9 @@ class StructuredPruning(CompressionMethod):
         drop = self._layers_to_drop(n_blocks)
         report: dict[str, Any] = {"layers_before": n_blocks}
         params_before = sum(p.numel() for p in model.parameters())
-
         if s.head_ratio > 0:
-            attention = arch.attention(blocks[0], f"compression.head_ratio={s.head_ratio}")
+            attention, pool, removed = self._heads_to_remove(arch)
             heads, kv_heads = attention.heads, attention.kv_heads
-            pool = head_pools(heads, kv_heads)
-            removed = round(s.head_ratio * pool)
-            if removed >= pool:
-                which = (f"{heads} heads of every layer" if pool == heads else
-                         f"{pool} query heads sharing each of the {kv_heads} key/value heads of every layer")
-                raise UserError(f"compression.head_ratio={s.head_ratio} would remove all {which}; allowed: a ratio "
-                                f"below {(pool - 0.5) / pool:.3f}")
-        if s.neuron_ratio > 0:
-            _ffn(blocks[0], arch)
 
         head_scores = neuron_scores = None
         if s.importance == "gradient" and (s.head_ratio > 0 or s.neuron_ratio > 0):
