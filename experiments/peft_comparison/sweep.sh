@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every PEFT strategy on movie-review sentiment with MiniLM-L6, each at its best learning rate.
-#   bash experiments/peft_comparison/sweep.sh            # SWEEP=<dir> to choose the directory
+#   bash experiments/peft_comparison/sweep.sh            # SWEEP=<dir> to choose the directory, ONLY=<names> below
 # Two stages, all jobs in one sweep directory (one report covers them):
 #   1. grid: every strategy at three learning rates, seed 0 (jobs grid_<strategy>_<n>);
 #   2. seeds: seeds 1 and 2 at the learning rate whose seed-0 validation accuracy was best (seeds_<strategy>_<n>).
@@ -31,6 +31,12 @@ declare -A GRID=(
   [full]=3e-5,1e-4,3e-4
 )
 ORDER=(linear_probe bitfit ia3 prompt prefix lora adalora adapter top_layers full)
+# ONLY="top_layers full" bash sweep.sh: those strategies only, both stages (two shells on disjoint lists
+# share a machine's cores; the report covers whatever the directory holds).
+read -r -a ORDER <<< "${ONLY:-${ORDER[*]}}"
+for name in "${ORDER[@]}"; do
+    [[ -v "GRID[$name]" ]] || { echo "ONLY=$ONLY: no strategy '$name' (allowed: ${!GRID[*]})" >&2; exit 2; }
+done
 # AdaLoRA's rank schedule for 376 steps: full rank for 40, budget cut every 10 steps, final ranks for the last 100.
 declare -A KNOBS=([adalora]="peft.tinit=40 peft.tfinal=100 peft.deltaT=10")
 
