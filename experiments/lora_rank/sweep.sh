@@ -14,7 +14,7 @@ BUDGET=(compression=none logger=csv data.limit_train=3000 train.max_epochs=2 tra
 # AdaLoRA (target_r=8), kept for every rank as the LoRA paper does (alpha fixed, so the update's
 # scale alpha/r shrinks as r grows; lr tuned once).
 LORA_LR=${LORA_LR:-1e-3}
-ADALORA_LR=${ADALORA_LR:-1e-3}
+ADALORA_LR=${ADALORA_LR:-3e-3}
 
 python -m llmk_lab -m peft=lora "${BUDGET[@]}" "train.lr=$LORA_LR" seed=0,1,2 peft.r=1,2,4,8,16,32 \
     "hydra.sweep.dir=$SWEEP" "hydra.sweep.subdir=lora_\${hydra.job.num}" sweep.resume=true

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Pruning during fine-tuning on movie-review sentiment with MiniLM-L6: one-shot magnitude, gradual
+# magnitude (cubic) and movement pruning at 50/70/90 % sparsity, full fine-tuning, 3 seeds, and the dense
+# fine-tuned model beside them.
+#   bash experiments/pruning_finetune/sweep.sh            # SWEEP=<dir> to choose the directory
+# One command per method into one sweep directory (one report covers them); the schedule knobs exist only
+# for the gradual methods. Seeds vary slowest, so the first jobs are seed 0 of every cell. Rerunning skips
+# finished jobs (sweep.resume=true).
+set -euo pipefail
+SWEEP=${SWEEP:-outputs/pruning_finetune}
+# The PEFT comparison's budget (3,000 sentences x 2 epochs = 376 optimiser steps, mean pooling, one torch
+# thread per job) with every weight training, at full fine-tuning's learning rate chosen there on validation.
+FULL_LR=${FULL_LR:-3e-4}
+BUDGET=(peft=full logger=csv data.limit_train=3000 train.max_epochs=2 train.pooling=mean hardware.threads=1
+        "train.lr=$FULL_LR" export.checkpoint=false export.adapter=false export.model=false)
+# Gradual schedules (Zhu & Gupta's cubic ramp; movement pruning uses the same one): dense for the first
+# 10 % of steps, the sparsity rises every 10 steps to its target at 70 % of training, and the last 30 % fine-tune
+# at the final mask.
+SCHEDULE=(compression.start_step=38 compression.end_step=263 compression.frequency=10)
+
+sweep() {  # sweep NAME OVERRIDES...
+    local name=$1
+    shift
+    python -m llmk_lab -m "${BUDGET[@]}" "hydra.sweep.dir=$SWEEP" \
+        "hydra.sweep.subdir=${name}_\${hydra.job.num}" sweep.resume=true "$@"
+}
+
+sweep dense compression=none seed=0,1,2
+# One-shot: the loaded model pruned once before training, the mask then kept fixed while every weight trains.
+sweep magnitude compression=magnitude seed=0,1,2 compression.sparsity=0.5,0.7,0.9
+sweep gradual compression=gradual_magnitude "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
+sweep movement compression=movement "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
+python -m llmk_lab.report "$SWEEP"
