@@ -72,3 +72,21 @@ for name in "${ORDER[@]}"; do
     sweep seeds "$name" seed=1,2 "train.lr=$(best_lr "$name")"
 done
 python -m llmk_lab.report "$SWEEP"
+# The table of the README: each strategy's three seeds at its chosen rate, as a sweep directory of links
+# to those jobs (<SWEEP>_chosen), so the framework's report and Pareto plot cover exactly those rows.
+python - "$SWEEP" "${ORDER[@]}" <<'PY'
+import json, os, shutil, sys, yaml
+from pathlib import Path
+sweep = Path(sys.argv[1]).resolve()
+chosen = sweep.with_name(sweep.name + "_chosen")
+shutil.rmtree(chosen, ignore_errors=True)
+chosen.mkdir()
+shutil.copy(sweep / "sweep.json", chosen / "sweep.json")
+for name in sys.argv[2:]:
+    grid = [(-json.loads((job / "metrics.json").read_text())["val/acc"],
+             float(yaml.safe_load((job / "config.yaml").read_text())["train"]["lr"]), job)
+            for job in sorted(sweep.glob(f"grid_{name}_*")) if (job / "metrics.json").exists()]
+    for job in [min(grid)[2], *sorted(sweep.glob(f"seeds_{name}_*"))]:
+        os.symlink(job, chosen / job.name)
+PY
+python -m llmk_lab.report "${SWEEP%/}_chosen"
