@@ -70,8 +70,9 @@ def plan(cfg: DictConfig) -> Plan:
         raise UserError(f"export.merged=true is not possible with peft.method={strategy.registered_name!r}: "
                         "its update cannot be folded into the weights")
     refuse_combinations(settings, methods, strategy)
-    if pooling_refusal(settings.train, settings.export):
-        raise UserError(pooling_refusal(settings.train, settings.export))
+    reason = pooling_refusal(settings.train, settings.export)
+    if reason:
+        raise UserError(reason)
     return Plan(settings, methods, strategy)
 
 
@@ -93,8 +94,9 @@ def refuse_combinations(settings: RunConfig, methods: list[CompressionMethod], s
         if reason:
             raise UserError(f"compression.method={name!r} cannot be combined with peft.method={peft_name!r}: "
                             f"{reason}")
-    if hardware.fsdp_refusal(settings, methods, strategy):  # what FSDP's sharded parameters rule out
-        raise UserError(hardware.fsdp_refusal(settings, methods, strategy))
+    reason = hardware.fsdp_refusal(settings, methods, strategy)  # what FSDP's sharded parameters rule out
+    if reason:
+        raise UserError(reason)
 
 
 def build_trainer(settings: RunConfig, loggers: list, callbacks: list, run_dir: Path) -> pl.Trainer:
@@ -298,6 +300,10 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     tokenizer = load_tokenizer(settings.model)
     datamodule = TaskDataModule(raw, task, tokenizer, settings.data, settings.train, settings.seed)
     model, model_info = load_model(settings.model, task, tokenizer)
+    # What the loaded model cannot take, refused for every step before anything is written or any step runs
+    # (a chain's distillation teacher trains in its before_fit).
+    for method in p.methods:
+        method.check_model(model)
 
     # 1. manifest (after the assets are resolved, so their checksums are known)
     write_json(run_dir / "manifest.json", build_manifest(settings.seed, overrides or [], {"model": model_info},
@@ -310,8 +316,6 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     # 4. one-shot compression; the uncompressed model is kept as the reference only when something compresses
     if any(m.dense_reference for m in p.methods):
         ctx.dense_model, ctx.reports["measure/reference"] = copy.deepcopy(model), AS_LOADED
-    for method in p.methods:  # every step refused before any step runs (a chain's teacher trains in before_fit)
-        method.check_model(model)
     for method in p.methods:
         method.before_fit(ctx)
     if ctx.dense_model is not None and not needs_reference(settings.measure):

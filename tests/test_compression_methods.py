@@ -112,7 +112,7 @@ def test_a_chain_step_the_model_cannot_take_is_refused_before_the_teacher_trains
         run_config(tiny + ["compression=chain", "peft=full",
                            "compression.steps=[{method: distillation}, {method: structured, head_ratio: 0,"
                            " neuron_ratio: 0, drop_layers: [3]}]"], tmp_path)
-    assert trained == [] and not (tmp_path / "metrics.json").exists()
+    assert trained == [] and not (tmp_path / "metrics.json").exists() and not (tmp_path / "manifest.json").exists()
 
 
 def test_structured_run_reports_smaller_model(tmp_path, tiny):
