@@ -10,31 +10,26 @@
 set -euo pipefail
 SWEEP=${SWEEP:-outputs/llm_pruning}
 calibration=(compression.calibration_examples=16)
-# Every job runs on one torch thread (hardware.threads=1 below): the same float reduction order on any
-# machine, so the same config gives the same perplexities, and two studies can share a 2-core machine.
-
-sweep() {  # sweep NAME OVERRIDES...: jobs land in $SWEEP/NAME_<job number>
-    local name=$1
-    shift
-    python -m llmk_lab -m +experiment=smollm2_pruning "hydra.sweep.dir=$SWEEP" \
-        "hydra.sweep.subdir=${name}_\${hydra.job.num}" sweep.resume=true hardware.threads=1 "$@"
-}
+# Every job runs on one torch thread: the same float reduction order on any machine, so the same config
+# gives the same perplexities, and two studies can share a 2-core machine.
+BUDGET=(+experiment=smollm2_pruning hardware.threads=1)
+source "$(dirname "$0")/../study.sh"
 n_m() { echo "compression.sparsity=0.5 compression.prune_n=$1 compression.prune_m=$2"; }
 
-sweep dense compression=none
-sweep magnitude compression=magnitude compression.sparsity=0.5
-sweep wanda compression=wanda "${calibration[@]}" compression.sparsity=0.5
-sweep sparsegpt compression=sparsegpt "${calibration[@]}" compression.sparsity=0.5
-sweep magnitude_2of4 compression=magnitude $(n_m 2 4)
+study_sweep dense compression=none
+study_sweep magnitude compression=magnitude compression.sparsity=0.5
+study_sweep wanda compression=wanda "${calibration[@]}" compression.sparsity=0.5
+study_sweep sparsegpt compression=sparsegpt "${calibration[@]}" compression.sparsity=0.5
+study_sweep magnitude_2of4 compression=magnitude $(n_m 2 4)
 # SparseGPT 50 % again with 8 calibration windows per forward pass (the preset's default is the
 # evaluation batch, 4): does the batching alone move SparseGPT's result? (README, "Reproduced")
-sweep sparsegpt_calbatch8 compression=sparsegpt "${calibration[@]}" compression.sparsity=0.5 \
+study_sweep sparsegpt_calbatch8 compression=sparsegpt "${calibration[@]}" compression.sparsity=0.5 \
     compression.calibration_batch_size=8
-sweep magnitude_4of8 compression=magnitude $(n_m 4 8)
-sweep wanda_2of4 compression=wanda "${calibration[@]}" $(n_m 2 4)
-sweep wanda_4of8 compression=wanda "${calibration[@]}" $(n_m 4 8)
-sweep sparsegpt_2of4 compression=sparsegpt "${calibration[@]}" $(n_m 2 4)
-sweep sparsegpt_4of8 compression=sparsegpt "${calibration[@]}" $(n_m 4 8)
-sweep magnitude_3070 compression=magnitude compression.sparsity=0.3,0.7
-sweep wanda_3070 compression=wanda "${calibration[@]}" compression.sparsity=0.3,0.7
-sweep sparsegpt_3070 compression=sparsegpt "${calibration[@]}" compression.sparsity=0.3,0.7
+study_sweep magnitude_4of8 compression=magnitude $(n_m 4 8)
+study_sweep wanda_2of4 compression=wanda "${calibration[@]}" $(n_m 2 4)
+study_sweep wanda_4of8 compression=wanda "${calibration[@]}" $(n_m 4 8)
+study_sweep sparsegpt_2of4 compression=sparsegpt "${calibration[@]}" $(n_m 2 4)
+study_sweep sparsegpt_4of8 compression=sparsegpt "${calibration[@]}" $(n_m 4 8)
+study_sweep magnitude_3070 compression=magnitude compression.sparsity=0.3,0.7
+study_sweep wanda_3070 compression=wanda "${calibration[@]}" compression.sparsity=0.3,0.7
+study_sweep sparsegpt_3070 compression=sparsegpt "${calibration[@]}" compression.sparsity=0.3,0.7

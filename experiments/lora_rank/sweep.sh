@@ -16,14 +16,14 @@ BUDGET=(compression=none logger=csv data.limit_train=3000 train.max_epochs=2 tra
 LORA_LR=${LORA_LR:-1e-3}
 ADALORA_LR=${ADALORA_LR:-3e-3}
 
-python -m llmk_lab -m peft=lora "${BUDGET[@]}" "train.lr=$LORA_LR" seed=0,1,2 peft.r=1,2,4,8,16,32 \
-    "hydra.sweep.dir=$SWEEP" "hydra.sweep.subdir=lora_\${hydra.job.num}" sweep.resume=true
+source "$(dirname "$0")/../study.sh"
+
+study_sweep lora peft=lora "train.lr=$LORA_LR" seed=0,1,2 peft.r=1,2,4,8,16,32
 # AdaLoRA at the final budget of LoRA r=8 and r=2: target_r average rank per adapted matrix, starting
 # from 1.5x that (the AdaLoRA paper's ratio; the preset's 12 -> 8) and the PEFT comparison's schedule for
 # 376 steps (full rank for 40 steps, budget cut every 10, final ranks fixed for the last 100).
 for target in 8 2; do
-    python -m llmk_lab -m peft=adalora "${BUDGET[@]}" "train.lr=$ADALORA_LR" seed=0,1,2 \
-        "peft.target_r=$target" "peft.init_r=$(( target * 3 / 2 ))" peft.tinit=40 peft.tfinal=100 peft.deltaT=10 \
-        "hydra.sweep.dir=$SWEEP" "hydra.sweep.subdir=adalora_r${target}_\${hydra.job.num}" sweep.resume=true
+    study_sweep "adalora_r${target}" peft=adalora "train.lr=$ADALORA_LR" seed=0,1,2 \
+        "peft.target_r=$target" "peft.init_r=$(( target * 3 / 2 ))" peft.tinit=40 peft.tfinal=100 peft.deltaT=10
 done
 python -m llmk_lab.report "$SWEEP"

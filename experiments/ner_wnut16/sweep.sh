@@ -11,15 +11,10 @@ SWEEP=${SWEEP:-outputs/ner_wnut16}
 BUDGET=(+experiment=ner_wnut16 logger=csv train.max_epochs=5 seed=0 hardware.threads=1
         export.checkpoint=false export.adapter=false export.model=false)
 
-sweep() {  # sweep NAME OVERRIDES...
-    local name=$1
-    shift
-    python -m llmk_lab -m "${BUDGET[@]}" "hydra.sweep.dir=$SWEEP" \
-        "hydra.sweep.subdir=${name}_\${hydra.job.num}" sweep.resume=true "$@"
-}
+source "$(dirname "$0")/../study.sh"
 
-sweep full peft=full train.lr=1e-4,3e-4
+study_sweep full peft=full train.lr=1e-4,3e-4
 # LoRA at 1e-3 and 3e-3 stayed at the all-O prior (entity F1 0, README); 1e-4 and 3e-4 were added after them,
 # listed last so the finished jobs keep their numbers (lora_0, lora_1) and are skipped.
-sweep lora peft=lora train.lr=1e-3,3e-3,1e-4,3e-4
+study_sweep lora peft=lora train.lr=1e-3,3e-3,1e-4,3e-4
 python -m llmk_lab.report "$SWEEP"

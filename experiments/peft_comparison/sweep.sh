@@ -40,12 +40,12 @@ done
 # AdaLoRA's rank schedule for 376 steps: full rank for 40, budget cut every 10 steps, final ranks for the last 100.
 declare -A KNOBS=([adalora]="peft.tinit=40 peft.tfinal=100 peft.deltaT=10")
 
-sweep() {  # sweep STAGE STRATEGY OVERRIDES...
+source "$(dirname "$0")/../study.sh"
+sweep() {  # sweep STAGE STRATEGY OVERRIDES...: jobs <stage>_<strategy>_<n>
     local stage=$1 name=$2
     shift 2
     # shellcheck disable=SC2086
-    python -m llmk_lab -m "peft=$name" "${BUDGET[@]}" ${KNOBS[$name]:-} "hydra.sweep.dir=$SWEEP" \
-        "hydra.sweep.subdir=${stage}_${name}_\${hydra.job.num}" sweep.resume=true "$@"
+    study_sweep "${stage}_${name}" "peft=$name" ${KNOBS[$name]:-} "$@"
 }
 
 best_lr() {  # the grid's learning rate with the best seed-0 validation accuracy (ties: the smaller rate)

@@ -18,16 +18,11 @@ BUDGET=(peft=full logger=csv data.limit_train=3000 train.max_epochs=2 train.pool
 # at the final mask.
 SCHEDULE=(compression.start_step=38 compression.end_step=263 compression.frequency=10)
 
-sweep() {  # sweep NAME OVERRIDES...
-    local name=$1
-    shift
-    python -m llmk_lab -m "${BUDGET[@]}" "hydra.sweep.dir=$SWEEP" \
-        "hydra.sweep.subdir=${name}_\${hydra.job.num}" sweep.resume=true "$@"
-}
+source "$(dirname "$0")/../study.sh"
 
-sweep dense compression=none seed=0,1,2
+study_sweep dense compression=none seed=0,1,2
 # One-shot: the loaded model pruned once before training, the mask then kept fixed while every weight trains.
-sweep magnitude compression=magnitude seed=0,1,2 compression.sparsity=0.5,0.7,0.9
-sweep gradual compression=gradual_magnitude "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
-sweep movement compression=movement "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
+study_sweep magnitude compression=magnitude seed=0,1,2 compression.sparsity=0.5,0.7,0.9
+study_sweep gradual compression=gradual_magnitude "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
+study_sweep movement compression=movement "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
 python -m llmk_lab.report "$SWEEP"
