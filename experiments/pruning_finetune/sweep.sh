@@ -2,7 +2,7 @@
 # Pruning during fine-tuning on movie-review sentiment with MiniLM-L6: one-shot magnitude, gradual
 # magnitude (cubic) and movement pruning at 50/70/90 % sparsity, full fine-tuning, 3 seeds, and the dense
 # fine-tuned model beside them.
-#   bash experiments/pruning_finetune/sweep.sh            # SWEEP=<dir> to choose the directory
+#   bash experiments/pruning_finetune/sweep.sh            # SWEEP=<dir> to choose the directory, ONLY=<names> below
 # One command per method into one sweep directory (one report covers them); the schedule knobs exist only
 # for the gradual methods. Seeds vary slowest, so the first jobs are seed 0 of every cell. Rerunning skips
 # finished jobs (sweep.resume=true).
@@ -20,9 +20,18 @@ SCHEDULE=(compression.start_step=38 compression.end_step=263 compression.frequen
 
 source "$(dirname "$0")/../study.sh"
 
-study_sweep dense compression=none seed=0,1,2
+# ONLY="gradual movement" bash sweep.sh: those methods only (two shells on disjoint lists share a machine's
+# cores; the report covers whatever the directory holds).
+METHODS=(dense magnitude gradual movement)
+read -r -a ONLY_METHODS <<< "${ONLY:-${METHODS[*]}}"
+for name in "${ONLY_METHODS[@]}"; do
+    [[ " ${METHODS[*]} " == *" $name "* ]] || { echo "ONLY=$ONLY: no method '$name' (allowed: ${METHODS[*]})" >&2; exit 2; }
+done
+wanted() { [[ " ${ONLY_METHODS[*]} " == *" $1 "* ]]; }
+
+wanted dense && study_sweep dense compression=none seed=0,1,2
 # One-shot: the loaded model pruned once before training, the mask then kept fixed while every weight trains.
-study_sweep magnitude compression=magnitude seed=0,1,2 compression.sparsity=0.5,0.7,0.9
-study_sweep gradual compression=gradual_magnitude "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
-study_sweep movement compression=movement "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
+wanted magnitude && study_sweep magnitude compression=magnitude seed=0,1,2 compression.sparsity=0.5,0.7,0.9
+wanted gradual && study_sweep gradual compression=gradual_magnitude "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
+wanted movement && study_sweep movement compression=movement "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
 python -m llmk_lab.report "$SWEEP"
