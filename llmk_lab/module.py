@@ -131,10 +131,19 @@ class TaskModule(pl.LightningModule):
 
 
 class ThroughputMonitor(pl.Callback):
-    """Training examples per second over the optimisation steps (data loading excluded)."""
+    """Training examples per second over the optimisation steps (data loading excluded).
+
+    The counts travel in the job's resume checkpoint, so a job continued after an interruption reports
+    the examples and seconds of all its attempts (and not 0 when it resumed from the end of training)."""
 
     def __init__(self):
         self.examples, self.seconds, self._start = 0, 0.0, 0.0
+
+    def state_dict(self) -> dict:
+        return {"examples": self.examples, "seconds": self.seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.examples, self.seconds = state_dict["examples"], state_dict["seconds"]
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._start = time.perf_counter()

@@ -155,12 +155,12 @@ NO_MEASUREMENTS = ["measure.latency_batch_sizes=[]", "measure.size=false", "meas
                    "hardware.threads=1"]
 
 
-def _crash_after_a_checkpoint(tmp_path: Path, monkeypatch) -> list[str]:
-    """Run a tiny job that checkpoints every 2 steps and crashes at step 3 (leaving the step-2 checkpoint);
-    returns its overrides, with training restored for the next attempt."""
+def _crash_after_a_checkpoint(tmp_path: Path, monkeypatch, extra: tuple[str, ...] = ()) -> list[str]:
+    """Run a tiny job (TINY + `extra`) that checkpoints every 2 steps and crashes at step 3 (leaving the
+    step-2 checkpoint); returns its overrides, with training restored for the next attempt."""
     from llmk_lab.module import TaskModule
 
-    overrides = TINY + ["sweep.checkpoint_every_n_steps=2", *NO_MEASUREMENTS, "export.adapter=false"]
+    overrides = TINY + ["sweep.checkpoint_every_n_steps=2", *NO_MEASUREMENTS, "export.adapter=false", *extra]
     original = TaskModule.training_step
 
     def crash_at_step_3(self, batch, batch_idx):
@@ -177,12 +177,50 @@ def _crash_after_a_checkpoint(tmp_path: Path, monkeypatch) -> list[str]:
 
 
 def test_interrupted_job_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch):
-    """A crash at step 3 leaves the step-2 checkpoint; `sweep.resume=true` trains only the remaining steps."""
+    """A crash at step 3 leaves the step-2 checkpoint; `sweep.resume=true` trains only the remaining steps,
+    and the job's throughput counts the examples of both attempts (carried in the checkpoint)."""
+    from llmk_lab.module import TaskModule
+
     overrides = _crash_after_a_checkpoint(tmp_path, monkeypatch)
+    trained_batches = []
+    original = TaskModule.training_step
+    monkeypatch.setattr(TaskModule, "training_step",
+                        lambda self, batch, i: trained_batches.append(i) or original(self, batch, i))
     metrics = run_config(overrides + ["sweep.resume=true"], tmp_path)
     # 64 examples / batch 16 = 4 steps in all; only the 2 after the checkpoint ran again
-    assert metrics["train/steps"] == 4 and metrics["train/examples"] == 32
+    assert len(trained_batches) == 2 and metrics["train/steps"] == 4
+    assert metrics["train/examples"] == 64 and metrics["train/examples_per_s"] > 0
     assert not resume_checkpoint_path(tmp_path).exists()  # completed: the resume checkpoint is gone
+
+
+def test_adalora_job_resumes_with_its_rank_allocator_state(tmp_path: Path, monkeypatch):
+    """AdaLoRA's sensitivity averages and budget history travel in the resume checkpoint: a job interrupted
+    in its rank-allocation phase continues allocating from them and reports the whole schedule."""
+    import torch
+
+    # 8 optimiser steps of 8: full budget for 1, allocation to step 6, final ranks for the last 2;
+    # the crash at step 3 is in the allocation phase.
+    overrides = _crash_after_a_checkpoint(tmp_path, monkeypatch, (
+        "compression=none", "train.batch_size=8", "peft=adalora", "peft.init_r=6", "peft.target_r=2",
+        "peft.tinit=1", "peft.tfinal=2", "peft.deltaT=1"))
+    saved = torch.load(resume_checkpoint_path(tmp_path), weights_only=False)
+    allocation = next(state for key, state in saved["callbacks"].items() if "RankAllocation" in key)
+    assert len(allocation["budgets"]) == 2 and allocation["exp_avg_ipt"]  # the step-2 state
+    from llmk_lab.peft.adalora import RankAllocation
+
+    restored = {}
+    original = RankAllocation.on_train_batch_end
+
+    def first_step_after_resume(self, trainer, *args):
+        restored.setdefault("budgets", list(self.budgets))
+        restored.setdefault("scored", sorted(self.tuner.rankallocator.exp_avg_ipt))
+        return original(self, trainer, *args)
+
+    monkeypatch.setattr(RankAllocation, "on_train_batch_end", first_step_after_resume)
+    metrics = run_config(overrides + ["sweep.resume=true"], tmp_path)
+    assert restored["budgets"] == allocation["budgets"] and restored["scored"] == sorted(allocation["exp_avg_ipt"])
+    assert metrics["train/steps"] == 8 and metrics["train/examples"] == 64
+    assert metrics["peft/rank_budget_final"] == 26 and sum(metrics["peft_ranks_per_layer"].values()) == 26
 
 
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path: Path, monkeypatch):

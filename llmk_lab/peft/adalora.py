@@ -124,6 +124,23 @@ class RankAllocation(pl.Callback):
         for logger in trainer.loggers:
             logger.log_metrics({"peft/rank_budget": budget, "peft/rank_in_use": in_use}, step=trainer.global_step)
 
+    # The allocator's sensitivity averages and the budget history travel in the job's resume checkpoint: a
+    # job continued after an interruption allocates from the same scores as one that ran straight through.
+    def state_dict(self) -> dict:
+        allocator = self.tuner.rankallocator
+        return {"last_step": self.last_step, "budgets": list(self.budgets),
+                "ipt": allocator.ipt, "exp_avg_ipt": allocator.exp_avg_ipt, "exp_avg_unc": allocator.exp_avg_unc}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        allocator = self.tuner.rankallocator
+        self.last_step, self.budgets = state_dict["last_step"], list(state_dict["budgets"])
+        # keyed by the names of the model peft wraps; checkpoints load onto the CPU, the scores live beside
+        # their parameters
+        devices = {name: p.device for name, p in self.tuner.model.named_parameters()}
+        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = (
+            {name: score.to(devices[name]) for name, score in state_dict[key].items()}
+            for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
+
     def on_train_end(self, trainer, pl_module):
         ranks = ranks_in_use(self.model)
         self.reports.update({
