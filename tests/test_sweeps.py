@@ -92,6 +92,23 @@ def test_report_cli_writes_files(synthetic_sweep: Path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_report_series_draws_one_line_per_value_in_x_order(synthetic_sweep: Path, capsys):
+    """`--series peft.r`: each rank's configurations make one curve over sparsity, seed means with their std."""
+    from llmk_lab.report import main
+    from llmk_lab.report.plots import series_lines
+
+    rows = write_report(synthetic_sweep, series="peft.r").rows
+    points = [(float(r["sparsity/pruned_layers"]), r) for r in reversed(rows)]  # any order in
+    lines = series_lines(points, "val/acc", "peft.r")
+    assert sorted(lines) == ["4", "8"]
+    # r=8: sparsity 0.3 then 0.6, mean over seeds (+0.00, +0.01, +0.02) and their std
+    assert lines["8"] == [pytest.approx((0.3, 0.9 - 0.06 + 0.08 + 0.01, 0.01)),
+                          pytest.approx((0.6, 0.9 - 0.12 + 0.08 + 0.01, 0.01))]
+    assert main([str(synthetic_sweep), "--series", "peft.rank"]) == 2
+    err = capsys.readouterr().err
+    assert "--series=peft.rank is not a swept key" in err and "(allowed: compression.sparsity, peft.r)" in err
+
+
 def test_task_default_objective_reaches_sweep_json_and_the_report(tmp_path: Path):
     """`optimized_metric: null` (the default): the sweep cannot know the metric before a job ran, the jobs record
     their task's (here a causal LM's test/perplexity) and the report ranks by it, lower first."""

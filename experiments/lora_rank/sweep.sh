@@ -26,4 +26,4 @@ for target in 8 2; do
     study_sweep "adalora_r${target}" peft=adalora "train.lr=$ADALORA_LR" seed=0,1,2 \
         "peft.target_r=$target" "peft.init_r=$(( target * 3 / 2 ))" peft.tinit=40 peft.tfinal=100 peft.deltaT=10
 done
-python -m llmk_lab.report "$SWEEP"
+python -m llmk_lab.report "$SWEEP" --series peft  # LoRA over its ranks and AdaLoRA at its budgets, one line each

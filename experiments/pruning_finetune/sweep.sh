@@ -34,4 +34,4 @@ wanted dense && study_sweep dense compression=none seed=0,1,2
 wanted magnitude && study_sweep magnitude compression=magnitude seed=0,1,2 compression.sparsity=0.5,0.7,0.9
 wanted gradual && study_sweep gradual compression=gradual_magnitude "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
 wanted movement && study_sweep movement compression=movement "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
-python -m llmk_lab.report "$SWEEP"
+python -m llmk_lab.report "$SWEEP" --series compression  # one accuracy-vs-sparsity line per method

@@ -47,9 +47,9 @@ class SweepReportResult:
 
 
 def write_report(sweep_dir: Path | str, optimized_metric: Optional[str] = None, direction: Optional[str] = None,
-                 wandb: Optional[bool] = None) -> SweepReportResult:
-    """Read every job of `sweep_dir`; write report.md, report.csv and plots/; with `wandb` (None: when the
-    jobs logged to W&B) also log them to W&B."""
+                 wandb: Optional[bool] = None, series: Optional[str] = None) -> SweepReportResult:
+    """Read every job of `sweep_dir`; write report.md, report.csv and plots/ (with `series`, a swept key,
+    one line per value of it); with `wandb` (None: when the jobs logged to W&B) also log them to W&B."""
     from llmk_lab.report.plots import plot_trade_offs
 
     sweep_dir = Path(sweep_dir)
@@ -78,7 +78,9 @@ def write_report(sweep_dir: Path | str, optimized_metric: Optional[str] = None, 
                                optimized_metric=optimized, direction=direction,
                                best=best_row(rows, optimized, direction),
                                markdown=sweep_dir / "report.md", csv=sweep_dir / "report.csv")
-    result.plots = plot_trade_offs(rows, columns, metrics, optimized, direction, sweep_dir / "plots")
+    if series is not None and series not in columns:
+        raise ValueError(f"--series={series} is not a swept key of {sweep_dir} (allowed: {', '.join(columns)})")
+    result.plots = plot_trade_offs(rows, columns, metrics, optimized, direction, sweep_dir / "plots", series)
     optuna_results = sweep_dir / "optimization_results.yaml"
     optuna = OmegaConf.to_container(OmegaConf.load(optuna_results)) if optuna_results.exists() else None
     result.markdown.write_text(markdown(result, sweep_dir, fixed, optuna))

@@ -20,11 +20,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # must not add W&B runs or W&B's console output.
     parser.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
                         help="also log the table and plots to the sweep's W&B report run (updated, not duplicated)")
+    parser.add_argument("--series", help="a swept key (e.g. compression, peft): the plots draw one line per value "
+                                         "of it, its configurations in order of the plot's x")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        result = write_report(args.sweep_dir, args.metric, args.direction, wandb=args.wandb)
-    except FileNotFoundError as err:
+        result = write_report(args.sweep_dir, args.metric, args.direction, wandb=args.wandb, series=args.series)
+    except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(result.markdown.read_text())
