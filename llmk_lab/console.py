@@ -83,7 +83,7 @@ def progress_bar():
             super().__init__()
             self._enabled = True
             self._started = self._started_eval = 0.0
-            self._evaluated = 0
+            self._evaluated, self._first_batch = 0, None
 
         def disable(self) -> None:
             self._enabled = False
@@ -99,8 +99,13 @@ def progress_bar():
             metrics = {k: v for k, v in self.get_metrics(trainer, pl_module).items() if k != "v_num"}
             return ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
+        def on_train_start(self, trainer, pl_module) -> None:
+            # A job resumed in the middle of an epoch gets no on_train_epoch_start for that epoch: time it, and
+            # its pace, from the resume (the first batch it trains).
+            self._started, self._first_batch = time.perf_counter(), None
+
         def on_train_epoch_start(self, trainer, pl_module) -> None:
-            self._started = time.perf_counter()
+            self._started, self._first_batch = time.perf_counter(), None
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             total = self.total_train_batches
@@ -111,8 +116,10 @@ def progress_bar():
             if total < 10:
                 return
             step = max(1, total // 10)
+            if self._first_batch is None:
+                self._first_batch = batch_idx
             if (batch_idx + 1) % step == 0 and batch_idx + 1 < total:
-                seconds = (time.perf_counter() - self._started) / (batch_idx + 1)
+                seconds = (time.perf_counter() - self._started) / (batch_idx + 1 - self._first_batch)
                 pace = f"{1 / seconds:.1f} batches/s" if seconds < 1 else f"{seconds:.1f} s/batch"
                 self._say(f"{_epoch_text(trainer, trainer.current_epoch)}: {batch_idx + 1}/{total} batches, "
                           f"{pace}, {self._loss(trainer, pl_module)}")

@@ -193,12 +193,15 @@ def _crash_after_a_checkpoint(tmp_path: Path, monkeypatch, extra: tuple[str, ...
     return overrides
 
 
-def test_interrupted_job_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch):
+def test_interrupted_job_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch, capsys):
     """A crash at step 3 leaves the step-2 checkpoint; `sweep.resume=true` trains only the remaining steps,
     and the job's throughput counts the examples of both attempts (carried in the checkpoint)."""
+    import re
+
     from llmk_lab.module import TaskModule
 
     overrides = _crash_after_a_checkpoint(tmp_path, monkeypatch)
+    capsys.readouterr()
     trained_batches = []
     original = TaskModule.training_step
     monkeypatch.setattr(TaskModule, "training_step",
@@ -208,6 +211,9 @@ def test_interrupted_job_resumes_from_its_checkpoint(tmp_path: Path, monkeypatch
     assert len(trained_batches) == 2 and metrics["train/steps"] == 4
     assert metrics["train/examples"] == 64 and metrics["train/examples_per_s"] > 0
     assert not resume_checkpoint_path(tmp_path).exists()  # completed: the resume checkpoint is gone
+    # the resumed epoch is timed from the resume (it gets no epoch-start hook), not from the clock's origin
+    seconds = re.search(r"Epoch 1/1 done in (\d+) s", capsys.readouterr().err)
+    assert seconds and int(seconds.group(1)) < 120
 
 
 def test_adalora_job_resumes_with_its_rank_allocator_state(tmp_path: Path, monkeypatch):
@@ -238,6 +244,38 @@ def test_adalora_job_resumes_with_its_rank_allocator_state(tmp_path: Path, monke
     assert restored["budgets"] == allocation["budgets"] and restored["scored"] == sorted(allocation["exp_avg_ipt"])
     assert metrics["train/steps"] == 8 and metrics["train/examples"] == 64
     assert metrics["peft/rank_budget_final"] == 26 and sum(metrics["peft_ranks_per_layer"].values()) == 26
+
+
+def test_movement_pruning_job_resumes_with_its_masks_and_scores(tmp_path: Path, monkeypatch):
+    """Movement pruning's masks, accumulated scores and schedule travel in the resume checkpoint: after a
+    crash at step 3 the job continues from exactly the step-2 state, and still ends at its sparsity."""
+    import torch
+
+    from llmk_lab.compression.gradual import ScheduledPruning
+
+    # 4 optimiser steps of 16, pruned at steps 0, 1, 2 on the way to 50 % at step 3.
+    overrides = _crash_after_a_checkpoint(tmp_path, monkeypatch, (
+        "peft=full", "compression=movement", "compression.sparsity=0.5", "compression.start_step=0",
+        "compression.end_step=3", "compression.frequency=1"))
+    saved = torch.load(resume_checkpoint_path(tmp_path), weights_only=False)
+    state = next(state for key, state in saved["callbacks"].items() if "MovementScores" in key)
+    assert [step for step, _ in state["history"]] == [0, 1] and state["masks"] and state["movement"]
+    restored = {}
+    original = ScheduledPruning.on_train_batch_start
+
+    def first_step_after_resume(self, *args):
+        restored.setdefault("state", {"history": list(self.history),
+                                      "movement": {n: score.clone() for n, score in self.movement.items()},
+                                      "masks": {n: layer.llmk_mask.clone() for n, layer in self.layers.items()}})
+        return original(self, *args)
+
+    monkeypatch.setattr(ScheduledPruning, "on_train_batch_start", first_step_after_resume)
+    metrics = run_config(overrides + ["sweep.resume=true"], tmp_path)
+    got = restored["state"]
+    assert got["history"] == [tuple(entry) for entry in state["history"]]
+    assert all(torch.equal(got["masks"][name], mask) for name, mask in state["masks"].items())
+    assert all(torch.equal(got["movement"][name], score) for name, score in state["movement"].items())
+    assert metrics["sparsity/pruned_layers"] == pytest.approx(0.5, abs=0.01)
 
 
 def test_checkpoint_of_another_config_is_not_resumed(tmp_path: Path, monkeypatch):

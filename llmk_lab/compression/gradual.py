@@ -89,6 +89,18 @@ class ScheduledPruning(pl.Callback):
         if self.end is None:
             self.end = default_end_step(int(trainer.estimated_stepping_batches), self.settings.start_step)
 
+    # The masks (buffers left out of the model's state dict, like every pruning mask) and the schedule's
+    # history travel in the job's resume checkpoint: a job continued after an interruption keeps its pruned
+    # weights at zero and prunes on from where it stopped.
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "end": self.end,
+                "masks": {name: getattr(layer, MASK) for name, layer in self.layers.items() if hasattr(layer, MASK)}}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history, self.end = [tuple(entry) for entry in state_dict["history"]], state_dict["end"]
+        for name, mask in state_dict["masks"].items():
+            set_mask(self.layers[name], mask)
+
     def due(self, step: int) -> bool:
         s = self.settings
         return step == self.end or (s.start_step <= step < self.end and (step - s.start_step) % s.frequency == 0)

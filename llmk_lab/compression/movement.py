@@ -33,6 +33,14 @@ class MovementScores(ScheduledPruning):
     def scores(self, name, layer):
         return self.movement[name]
 
+    def state_dict(self) -> dict:  # the accumulated scores too: a resumed job ranks by the whole movement
+        return {**super().state_dict(), "movement": self.movement}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self.movement = {name: score.to(self.layers[name].weight.device)
+                         for name, score in state_dict["movement"].items()}
+
     def on_fit_start(self, trainer, pl_module):
         super().on_fit_start(trainer, pl_module)
         for name, layer in self.layers.items():
