@@ -151,7 +151,7 @@ def test_movement_scores_accumulate_minus_weight_times_gradient_and_prune_the_lo
     layer = nn.Linear(2, 2, bias=False)
     with torch.no_grad():
         layer.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
-    callback = MovementScores({"l": layer}, MovementConfig(sparsity=0.5, end_step=1), {})
+    callback = MovementScores({"l": layer}, MovementConfig(sparsity=0.5, end_step=1, score_update="sum"), {})
     grads = [torch.tensor([[1.0, 1.0], [-1.0, 0.0]]), torch.tensor([[1.0, 0.0], [-1.0, -1.0]])]
     for grad in grads:
         layer.weight.grad = grad.clone()
@@ -163,6 +163,43 @@ def test_movement_scores_accumulate_minus_weight_times_gradient_and_prune_the_lo
     callback.prune(1)
     # The weights moving towards zero (lowest scores) go, whatever their magnitude: W[0,0] = 1 and W[1,0] = 0.5.
     assert getattr(layer, MASK).tolist() == [[False, True], [False, True]]
+
+
+def test_movement_scores_trained_by_adam_count_consistent_movement_whatever_the_size():
+    """score_update=adam (the default): each step moves a score by Adam's normalised step on g = dL/dW' * W;
+    a weight with the same gradient every step moves its score by one per step, large or small."""
+    layer = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 300.0]]))
+    callback = MovementScores({"l": layer}, MovementConfig(sparsity=0.5, end_step=1), {})
+    for _ in range(3):
+        layer.weight.grad = torch.tensor([[1.0, 1.0], [-1.0, 0.0]])  # g*W: [[1, -2], [-0.5, 0]]
+        callback.on_before_optimizer_step(None, None, None)
+    assert torch.allclose(callback.movement["l"], torch.tensor([[-3.0, 3.0], [3.0, 0.0]]))
+
+
+def test_movement_pruned_weights_keep_scoring_and_come_back_with_their_value():
+    """The straight-through estimator: a pruned weight's score moves with dL/dW' times its value from
+    when it was pruned, it does not train, and when its score overtakes a kept weight's it returns."""
+    layer = nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 3.0]]))
+    callback = MovementScores({"l": layer}, MovementConfig(sparsity=0.5, end_step=1, score_update="sum"), {})
+    callback.end = 1
+    layer.weight.grad = torch.tensor([[2.0, 1.0], [-2.0, -1.0]])
+    callback.on_before_optimizer_step(None, None, None)  # scores [[-2, 2], [1, 3]]
+    callback.prune(1)
+    assert getattr(layer, MASK).tolist() == [[False, True], [False, True]]
+    assert layer.weight.tolist() == [[0.0, -2.0], [0.0, 3.0]]
+    # W[0,0] (pruned at 1.0) would now reduce the loss: its score rises by 5 to 3, above W[0,1]'s 2.
+    layer.weight.grad = torch.tensor([[-5.0, 0.0], [0.0, 0.0]])
+    callback.on_before_optimizer_step(None, None, None)
+    assert callback.movement["l"].tolist() == [[3.0, 2.0], [1.0, 3.0]]
+    assert layer.weight.grad[0, 0] == 0  # pruned weights do not train
+    callback.prune(1)
+    assert getattr(layer, MASK).tolist() == [[True, False], [False, True]]
+    assert layer.weight.tolist() == [[1.0, 0.0], [0.0, 3.0]]  # back with its value; W[0,1] put aside
+    assert callback.pruned_values["l"].tolist() == [[0.0, -2.0], [0.5, 0.0]] and callback.regrown == 1
 
 
 @pytest.mark.parametrize("method", ["gradual_magnitude", "movement"])

@@ -226,7 +226,7 @@ def test_9_movement_scores_count_each_micro_batch_once_with_gradient_accumulatio
     from llmk_lab.compression.movement import MovementConfig, MovementScores
 
     layer = nn.Linear(2, 2, bias=False)
-    callback = MovementScores({"l": layer}, MovementConfig(sparsity=0.5, end_step=1), {})
+    callback = MovementScores({"l": layer}, MovementConfig(sparsity=0.5, end_step=1, score_update="sum"), {})
     g1, g2 = torch.tensor([[1.0, 2.0], [0.0, -1.0]]), torch.tensor([[0.5, 0.0], [1.0, 1.0]])
     # Two micro-batches of one optimiser step: the gradient accumulates, then the optimiser steps once.
     layer.weight.grad = g1.clone()

@@ -75,12 +75,22 @@ class GradualConfig:
 
 
 class ScheduledPruning(pl.Callback):
-    """Prunes `layers` on the cubic schedule, ranking weights by `scores(name, layer)`."""
+    """Prunes `layers` on the cubic schedule, ranking weights by `scores(name, layer)`.
+
+    With `regrows` false (gradual magnitude) masks only grow: a pruned weight's score is ignored from then
+    on. With `regrows` true (movement pruning) every pruning step ranks all weights, pruned ones included,
+    so a pruned weight whose score rises comes back with the value it had when it was pruned (it did not
+    train while pruned); the mask only settles at `end_step`."""
+
+    regrows = False
 
     def __init__(self, layers: dict[str, nn.Linear], settings, report: dict):
         self.layers, self.settings, self.report = layers, settings, report
         self.end = settings.end_step
         self.history: list[tuple[int, float]] = []
+        # regrowing methods: the values the pruned weights had when they were pruned (zero where kept)
+        self.pruned_values: dict[str, torch.Tensor] = {}
+        self.regrown = 0
 
     def scores(self, name: str, layer: nn.Linear) -> torch.Tensor:
         return layer.weight.detach().abs()
@@ -93,13 +103,17 @@ class ScheduledPruning(pl.Callback):
     # history travel in the job's resume checkpoint: a job continued after an interruption keeps its pruned
     # weights at zero and prunes on from where it stopped.
     def state_dict(self) -> dict:
-        return {"history": list(self.history), "end": self.end,
-                "masks": {name: getattr(layer, MASK) for name, layer in self.layers.items() if hasattr(layer, MASK)}}
+        return {"history": list(self.history), "end": self.end, "regrown": self.regrown,
+                "masks": {name: getattr(layer, MASK) for name, layer in self.layers.items() if hasattr(layer, MASK)},
+                "pruned_values": self.pruned_values}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history, self.end = [tuple(entry) for entry in state_dict["history"]], state_dict["end"]
+        self.regrown = state_dict.get("regrown", 0)
         for name, mask in state_dict["masks"].items():
             set_mask(self.layers[name], mask)
+        self.pruned_values = {name: values.to(self.layers[name].weight.device)
+                              for name, values in state_dict.get("pruned_values", {}).items()}
 
     def due(self, step: int) -> bool:
         s = self.settings
@@ -112,10 +126,43 @@ class ScheduledPruning(pl.Callback):
         for name, layer in self.layers.items():
             scores = self.scores(name, layer).clone()
             mask = getattr(layer, MASK, None)
+            if self.regrows:
+                self._remask(name, layer, lowest_k_mask(scores, round(target * scores.numel())))
+                continue
             if mask is not None:
                 scores[~mask] = -torch.inf  # already pruned weights stay pruned and count first
             set_mask(layer, lowest_k_mask(scores, round(target * scores.numel())))
         self.history.append((step, target))
+
+    def _remask(self, name: str, layer: nn.Linear, keep: torch.Tensor) -> None:
+        """Replace the layer's mask by `keep`: weights leaving the mask get back their value from when they
+        were pruned, newly pruned ones have theirs put aside and are zeroed."""
+        old = getattr(layer, MASK, None)
+        values = self.pruned_values.setdefault(name, torch.zeros_like(layer.weight))
+        weight = layer.weight.data
+        if old is not None:
+            back = keep & ~old
+            weight[back] = values[back]
+            values[back] = 0
+            self.regrown += int(back.sum())
+            newly = ~keep & old
+        else:
+            newly = ~keep
+        values[newly] = weight[newly]
+        weight.mul_(keep)
+        if old is None:
+            layer.register_buffer(MASK, keep.clone(), persistent=False)
+        else:
+            old.copy_(keep)
+
+    def dense_weight(self, name: str, layer: nn.Linear) -> torch.Tensor:
+        """The weight with its pruned entries at the values they were pruned with (what a regrown weight
+        would be)."""
+        values = self.pruned_values.get(name)
+        mask = getattr(layer, MASK, None)
+        if values is None or mask is None:
+            return layer.weight.detach()
+        return torch.where(mask, layer.weight.detach(), values)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         # global_step counts optimiser steps; with gradient accumulation it repeats, so prune once per step.
@@ -123,7 +170,9 @@ class ScheduledPruning(pl.Callback):
         if self.due(step) and (not self.history or self.history[-1][0] != step):
             self.prune(step)
 
-    def on_after_backward(self, trainer, pl_module):
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        # Pruned weights do not train: their gradients are zeroed once per optimiser step, after every
+        # micro-batch has accumulated (so a subclass can first read the whole, unmasked gradient).
         for layer in self.layers.values():
             mask = getattr(layer, MASK, None)
             if mask is not None and layer.weight.grad is not None:
@@ -141,7 +190,7 @@ class ScheduledPruning(pl.Callback):
         if not self.history or self.history[-1][1] < self.settings.sparsity:
             self.prune(self.end)
         self.report.update(requested_sparsity=self.settings.sparsity, schedule_end_step=self.end,
-                           pruning_steps=len(self.history),
+                           pruning_steps=len(self.history), **({"regrown_weights": self.regrown} if self.regrows else {}),
                            achieved_sparsity=sparsity_report(pl_module.model, self.layers)["overall"],
                            pruned_layers=len(self.layers))
 

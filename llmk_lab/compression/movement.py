@@ -1,13 +1,14 @@
 """Movement pruning during fine-tuning (Sanh et al. 2020), hard variant.
 
-Each targeted weight accumulates the score S = -sum_t W_t * dL/dW_t over the
-optimiser steps t (dL/dW_t the step's whole gradient, all accumulated
-micro-batches, added once per step): weights moving away from zero score high, weights shrinking
-towards zero score low. On Zhu & Gupta's cubic schedule the lowest-scoring
-weights of each layer are pruned (Sanh et al. rank by top-k of S at the
-scheduled sparsity). Unlike the paper's straight-through estimator, pruned
-weights do not come back: they are zeroed and their scores frozen, so masks only
-grow (the same keeping rules as every other pruning method here).
+Each targeted weight accumulates the score S = -sum_t W_t * dL/dW'_t over the optimiser steps t, where
+W' = W * M is the weight the forward pass uses and dL/dW' its whole gradient (all accumulated
+micro-batches, added once per step): weights moving away from zero score high, weights shrinking towards
+zero score low. This is the paper's straight-through estimator: a pruned weight still gets dL/dW' (what
+restoring it would do to the loss) with its value from when it was pruned, so its score keeps moving.
+On Zhu & Gupta's cubic schedule, every `frequency` steps, the lowest-scoring weights of each layer at
+the scheduled sparsity are pruned and the rest kept, pruned ones included: a weight whose score has
+risen comes back (Sanh et al. take the top-k of S at every step). Pruned weights do not train. From
+`end_step` the mask is fixed.
 """
 from __future__ import annotations
 
@@ -17,29 +18,53 @@ import torch
 
 from llmk_lab.compression import COMPRESSION, CompressionMethod
 from llmk_lab.compression.gradual import GradualConfig, ScheduledPruning, trainable_targets
+from llmk_lab.errors import check
 
 
 @dataclass
 class MovementConfig(GradualConfig):
     method: str = "movement"
+    # How each step's score gradient g = dL/dW' * W moves the scores: "adam" (the reference
+    # implementation's: the scores are trained by Adam, betas 0.9 / 0.999, so each weight's score counts how
+    # consistently it moves away from zero, whatever its size) or "sum" (S = -sum_t g_t, the paper's SGD
+    # reading, in which the largest weights have the largest scores of either sign).
+    score_update: str = "adam"
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self.score_update in SCORE_UPDATES, "score_update", self.score_update, " or ".join(SCORE_UPDATES))
+
+
+SCORE_UPDATES = ("adam", "sum")
+# Adam's constants for the scores (the ranking does not depend on a learning rate: every score starts at 0).
+BETAS, EPS = (0.9, 0.999), 1e-12
 
 
 class MovementScores(ScheduledPruning):
+    regrows = True
+
     def __init__(self, layers, settings, report):
         super().__init__(layers, settings, report)
         self.movement = {name: torch.zeros_like(layer.weight, dtype=torch.float32)
                          for name, layer in layers.items()}
+        # Adam's moments of the score gradients and its step count (score_update=adam)
+        self.moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.score_steps = 0
 
     def scores(self, name, layer):
         return self.movement[name]
 
-    def state_dict(self) -> dict:  # the accumulated scores too: a resumed job ranks by the whole movement
-        return {**super().state_dict(), "movement": self.movement}
+    def state_dict(self) -> dict:  # the scores too: a resumed job ranks by the whole movement
+        return {**super().state_dict(), "movement": self.movement, "moments": self.moments,
+                "score_steps": self.score_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        self.movement = {name: score.to(self.layers[name].weight.device)
-                         for name, score in state_dict["movement"].items()}
+        device = {name: layer.weight.device for name, layer in self.layers.items()}
+        self.movement = {name: score.to(device[name]) for name, score in state_dict["movement"].items()}
+        self.moments = {name: (m.to(device[name]), v.to(device[name]))
+                        for name, (m, v) in state_dict.get("moments", {}).items()}
+        self.score_steps = state_dict.get("score_steps", 0)
 
     def on_fit_start(self, trainer, pl_module):
         super().on_fit_start(trainer, pl_module)
@@ -50,10 +75,23 @@ class MovementScores(ScheduledPruning):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         # Once per optimiser step, on the gradient of the whole step: with gradient accumulation
         # `on_after_backward` runs after every micro-batch on the running sum, and adding it there would
-        # count the earlier micro-batches again. Lightning calls this before gradient clipping.
+        # count the earlier micro-batches again. Lightning calls this before gradient clipping. The scores
+        # read the unmasked gradient; the parent then zeroes the pruned weights' gradients.
+        self.score_steps += 1
         for name, layer in self.layers.items():
-            if layer.weight.grad is not None:
-                self.movement[name] -= (layer.weight.grad * layer.weight).float()
+            if layer.weight.grad is None:
+                continue
+            gradient = (layer.weight.grad * self.dense_weight(name, layer)).float()  # dL/dS through the mask
+            if self.settings.score_update == "sum":
+                self.movement[name] -= gradient
+                continue
+            m, v = self.moments.setdefault(name, (torch.zeros_like(gradient), torch.zeros_like(gradient)))
+            m.mul_(BETAS[0]).add_(gradient, alpha=1 - BETAS[0])
+            v.mul_(BETAS[1]).addcmul_(gradient, gradient, value=1 - BETAS[1])
+            m_hat = m / (1 - BETAS[0] ** self.score_steps)
+            v_hat = v / (1 - BETAS[1] ** self.score_steps)
+            self.movement[name] -= m_hat / (v_hat.sqrt() + EPS)
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
 
 
 @COMPRESSION.register("movement", config=MovementConfig)
