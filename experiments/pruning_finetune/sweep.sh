@@ -22,7 +22,7 @@ source "$(dirname "$0")/../study.sh"
 
 # ONLY="gradual movement" bash sweep.sh: those methods only (two shells on disjoint lists share a machine's
 # cores; the report covers whatever the directory holds).
-METHODS=(dense magnitude gradual movement)
+METHODS=(dense magnitude gradual movement movement_long)
 read -r -a ONLY_METHODS <<< "${ONLY:-${METHODS[*]}}"
 for name in "${ONLY_METHODS[@]}"; do
     [[ " ${METHODS[*]} " == *" $name "* ]] || { echo "ONLY=$ONLY: no method '$name' (allowed: ${METHODS[*]})" >&2; exit 2; }
@@ -34,4 +34,8 @@ wanted dense && study_sweep dense compression=none seed=0,1,2
 wanted magnitude && study_sweep magnitude compression=magnitude seed=0,1,2 compression.sparsity=0.5,0.7,0.9
 wanted gradual && study_sweep gradual compression=gradual_magnitude "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
 wanted movement && study_sweep movement compression=movement "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
+# Movement pruning at 5x the budget (10 epochs, 1,880 steps; the same schedule in proportion: dense for the
+# first 10 %, the target at 70 %), one sparsity and seed: does it leave the majority class with more steps?
+wanted movement_long && study_sweep movement_long compression=movement train.max_epochs=10 compression.start_step=188 \
+    compression.end_step=1316 compression.frequency=10 seed=0 compression.sparsity=0.7
 python -m llmk_lab.report "$SWEEP" --series compression  # one accuracy-vs-sparsity line per method
