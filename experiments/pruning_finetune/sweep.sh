@@ -17,6 +17,8 @@ BUDGET=(peft=full logger=csv data.limit_train=3000 train.max_epochs=2 train.pool
 # 10 % of steps, the sparsity rises every 10 steps to its target at 70 % of training, and the last 30 % fine-tune
 # at the final mask.
 SCHEDULE=(compression.start_step=38 compression.end_step=263 compression.frequency=10)
+# SEEDS=0 bash sweep.sh: seed 0 of every cell only.
+SEEDS=${SEEDS:-0,1,2}
 
 source "$(dirname "$0")/../study.sh"
 
@@ -29,11 +31,11 @@ for name in "${ONLY_METHODS[@]}"; do
 done
 wanted() { [[ " ${ONLY_METHODS[*]} " == *" $1 "* ]]; }
 
-wanted dense && study_sweep dense compression=none seed=0,1,2
+wanted dense && study_sweep dense compression=none "seed=$SEEDS"
 # One-shot: the loaded model pruned once before training, the mask then kept fixed while every weight trains.
-wanted magnitude && study_sweep magnitude compression=magnitude seed=0,1,2 compression.sparsity=0.5,0.7,0.9
-wanted gradual && study_sweep gradual compression=gradual_magnitude "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
-wanted movement && study_sweep movement compression=movement "${SCHEDULE[@]}" seed=0,1,2 compression.sparsity=0.5,0.7,0.9
+wanted magnitude && study_sweep magnitude compression=magnitude "seed=$SEEDS" compression.sparsity=0.5,0.7,0.9
+wanted gradual && study_sweep gradual compression=gradual_magnitude "${SCHEDULE[@]}" "seed=$SEEDS" compression.sparsity=0.5,0.7,0.9
+wanted movement && study_sweep movement compression=movement "${SCHEDULE[@]}" "seed=$SEEDS" compression.sparsity=0.5,0.7,0.9
 # Movement pruning at 5x the budget (10 epochs, 1,880 steps; the same schedule in proportion: dense for the
 # first 10 %, the target at 70 %), one sparsity and seed: does it leave the majority class with more steps?
 wanted movement_long && study_sweep movement_long compression=movement train.max_epochs=10 compression.start_step=188 \
