@@ -202,6 +202,29 @@ def test_movement_pruned_weights_keep_scoring_and_come_back_with_their_value():
     assert callback.pruned_values["l"].tolist() == [[0.0, -2.0], [0.5, 0.0]] and callback.regrown == 1
 
 
+def test_movement_state_restored_from_a_checkpoint_follows_the_layers_to_their_device():
+    """Lightning restores a checkpoint before it moves the model to its device: the restored scores, Adam
+    moments and pruned values must end up beside the weights at fit start (the meta device stands in
+    for a GPU here)."""
+    layer = nn.Linear(4, 4, bias=False)
+    callback = MovementScores({"l": layer}, MovementConfig(sparsity=0.5, end_step=1), {})
+    callback.end = 1
+    layer.weight.grad = torch.randn(4, 4)
+    callback.on_before_optimizer_step(None, None, None)
+    callback.prune(1)
+    saved = callback.state_dict()
+    assert saved["moments"] and saved["pruned_values"]
+
+    fresh_layer = nn.Linear(4, 4, bias=False)
+    restored = MovementScores({"l": fresh_layer}, MovementConfig(sparsity=0.5, end_step=1), {})
+    restored.load_state_dict(saved)  # on the CPU, like the model at that point
+    fresh_layer.to("meta")  # the strategy moves the model
+    restored.on_fit_start(None, None)
+    tensors = [restored.movement["l"], *restored.moments["l"], restored.pruned_values["l"],
+               getattr(fresh_layer, MASK)]
+    assert all(t.device.type == "meta" for t in tensors)
+
+
 @pytest.mark.parametrize("method", ["gradual_magnitude", "movement"])
 def test_training_time_pruning_reaches_requested_sparsity(tmp_path, tiny, method):
     metrics = run_config(tiny + [f"compression={method}", "peft=full", "compression.sparsity=0.6",

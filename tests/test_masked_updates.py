@@ -116,6 +116,29 @@ def test_adalora_masked_forward_equals_its_dense_formula():
         assert torch.allclose(g_ours, g_ref, atol=1e-4, rtol=1e-4)
 
 
+def test_adalora_allocator_state_restored_from_a_checkpoint_follows_the_model_to_its_device():
+    """Lightning restores a checkpoint before it moves the model to its device: the rank allocator's
+    restored scores must end up beside their parameters at fit start (meta stands in for a GPU)."""
+    from types import SimpleNamespace
+
+    from peft import AdaLoraConfig, get_peft_model
+
+    from llmk_lab.peft.adalora import RankAllocation
+
+    model = get_peft_model(Tiny(), AdaLoraConfig(init_r=3, target_r=2, target_modules=["lin"], total_step=10))
+    names = [name for name, p in model.base_model.model.named_parameters() if "lora_" in name]
+    scores = {name: torch.ones(1) for name in names}
+    callback = RankAllocation(model, None, {})
+    callback.load_state_dict({"last_step": 3, "budgets": [6, 5, 4], "ipt": dict(scores),
+                              "exp_avg_ipt": dict(scores), "exp_avg_unc": dict(scores)})
+    model.to("meta")
+    callback.on_fit_start(SimpleNamespace(fast_dev_run=True), None)
+    allocator = model.base_model.rankallocator
+    restored = [*allocator.ipt.values(), *allocator.exp_avg_ipt.values(), *allocator.exp_avg_unc.values()]
+    assert len(restored) == 3 * len(names) and all(t.device.type == "meta" for t in restored)
+    assert callback.budgets == [6, 5, 4] and callback.last_step == 3
+
+
 def test_mask_keeper_leaves_frozen_weights_alone_and_masks_trained_ones():
     model = Tiny()
     set_mask(model.lin, torch.rand(D_OUT, D_IN) > 0.5)

@@ -98,6 +98,14 @@ class ScheduledPruning(pl.Callback):
     def on_fit_start(self, trainer, pl_module):
         if self.end is None:
             self.end = default_end_step(int(trainer.estimated_stepping_batches), self.settings.start_step)
+        self.place_state()
+
+    def place_state(self) -> None:
+        """Put the per-weight state beside its layer's weight. Lightning restores a checkpoint before it
+        moves the model to its device (after, for the strategies that restore late), so this runs at fit
+        start and after a restore."""
+        self.pruned_values = {name: values.to(self.layers[name].weight.device)
+                              for name, values in self.pruned_values.items()}
 
     # The masks (buffers left out of the model's state dict, like every pruning mask) and the schedule's
     # history travel in the job's resume checkpoint: a job continued after an interruption keeps its pruned
@@ -112,8 +120,8 @@ class ScheduledPruning(pl.Callback):
         self.regrown = state_dict.get("regrown", 0)
         for name, mask in state_dict["masks"].items():
             set_mask(self.layers[name], mask)
-        self.pruned_values = {name: values.to(self.layers[name].weight.device)
-                              for name, values in state_dict.get("pruned_values", {}).items()}
+        self.pruned_values = dict(state_dict.get("pruned_values", {}))
+        self.place_state()
 
     def due(self, step: int) -> bool:
         s = self.settings
@@ -125,10 +133,10 @@ class ScheduledPruning(pl.Callback):
         target = cubic_sparsity(step, s.initial_sparsity, s.sparsity, s.start_step, self.end)
         for name, layer in self.layers.items():
             scores = self.scores(name, layer).clone()
-            mask = getattr(layer, MASK, None)
             if self.regrows:
                 self._remask(name, layer, lowest_k_mask(scores, round(target * scores.numel())))
                 continue
+            mask = getattr(layer, MASK, None)
             if mask is not None:
                 scores[~mask] = -torch.inf  # already pruned weights stay pruned and count first
             set_mask(layer, lowest_k_mask(scores, round(target * scores.numel())))
@@ -138,18 +146,15 @@ class ScheduledPruning(pl.Callback):
         """Replace the layer's mask by `keep`: weights leaving the mask get back their value from when they
         were pruned, newly pruned ones have theirs put aside and are zeroed."""
         old = getattr(layer, MASK, None)
+        was_kept = old if old is not None else torch.ones_like(keep)
         values = self.pruned_values.setdefault(name, torch.zeros_like(layer.weight))
         weight = layer.weight.data
-        if old is not None:
-            back = keep & ~old
-            weight[back] = values[back]
-            values[back] = 0
-            self.regrown += int(back.sum())
-            newly = ~keep & old
-        else:
-            newly = ~keep
+        back, newly = keep & ~was_kept, ~keep & was_kept
+        weight[back] = values[back]
+        values[back] = 0
         values[newly] = weight[newly]
         weight.mul_(keep)
+        self.regrown += int(back.sum())
         if old is None:
             layer.register_buffer(MASK, keep.clone(), persistent=False)
         else:

@@ -59,17 +59,15 @@ class MovementScores(ScheduledPruning):
                 "score_steps": self.score_steps}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        device = {name: layer.weight.device for name, layer in self.layers.items()}
-        self.movement = {name: score.to(device[name]) for name, score in state_dict["movement"].items()}
-        self.moments = {name: (m.to(device[name]), v.to(device[name]))
-                        for name, (m, v) in state_dict.get("moments", {}).items()}
+        self.movement, self.moments = dict(state_dict["movement"]), dict(state_dict.get("moments", {}))
         self.score_steps = state_dict.get("score_steps", 0)
+        super().load_state_dict(state_dict)  # places the state, the scores included
 
-    def on_fit_start(self, trainer, pl_module):
-        super().on_fit_start(trainer, pl_module)
-        for name, layer in self.layers.items():
-            self.movement[name] = self.movement[name].to(layer.weight.device)
+    def place_state(self) -> None:
+        super().place_state()
+        device = {name: layer.weight.device for name, layer in self.layers.items()}
+        self.movement = {name: score.to(device[name]) for name, score in self.movement.items()}
+        self.moments = {name: (m.to(device[name]), v.to(device[name])) for name, (m, v) in self.moments.items()}
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):

@@ -102,6 +102,7 @@ class RankAllocation(pl.Callback):
         return self.model.base_model
 
     def on_fit_start(self, trainer, pl_module):
+        self.place_state()
         if trainer.fast_dev_run:  # a smoke run of a step or two: keep peft's placeholder schedule
             return
         total = int(trainer.estimated_stepping_batches)
@@ -134,12 +135,19 @@ class RankAllocation(pl.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         allocator = self.tuner.rankallocator
         self.last_step, self.budgets = state_dict["last_step"], list(state_dict["budgets"])
-        # keyed by the names of the model peft wraps; checkpoints load onto the CPU, the scores live beside
-        # their parameters
+        allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = (
+            dict(state_dict[key]) for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
+        self.place_state()
+
+    def place_state(self) -> None:
+        """Put the allocator's scores beside their parameters (keyed by the names of the model peft wraps).
+        Lightning restores a checkpoint before it moves the model to its device (after, for the strategies
+        that restore late), so this runs at fit start and after a restore."""
+        allocator = self.tuner.rankallocator
         devices = {name: p.device for name, p in self.tuner.model.named_parameters()}
         allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc = (
-            {name: score.to(devices[name]) for name, score in state_dict[key].items()}
-            for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"))
+            {name: score.to(devices[name]) for name, score in scores.items()}
+            for scores in (allocator.ipt, allocator.exp_avg_ipt, allocator.exp_avg_unc))
 
     def on_train_end(self, trainer, pl_module):
         ranks = ranks_in_use(self.model)
