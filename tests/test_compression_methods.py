@@ -147,6 +147,37 @@ def test_scheduled_pruning_hits_each_scheduled_sparsity_and_keeps_masks():
     assert not (getattr(layer, MASK) & ~first).any()  # masks only grow
 
 
+def test_each_cut_records_the_size_of_the_weights_it_removed_against_those_it_kept():
+    layer = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, -2.0, 3.0, -4.0]]))
+    report = {}
+    callback = ScheduledPruning({"l": layer}, GradualConfig(sparsity=0.5, start_step=0, end_step=1), report)
+    callback.end = 1
+    callback.prune(1)  # removes 1 and 2 (mean 1.5), keeps 3 and 4 (mean 3.5)
+    callback.prune(1)  # removes nothing: no entry
+    assert callback.cut_magnitudes == [(1, pytest.approx(1.5 / 3.5))]
+    assert callback.cut_magnitude_report() == {"removed_to_kept_magnitude_first_cut": pytest.approx(1.5 / 3.5),
+                                               "removed_to_kept_magnitude_mean": pytest.approx(1.5 / 3.5)}
+    restored = ScheduledPruning({"l": nn.Linear(4, 1, bias=False)}, GradualConfig(sparsity=0.5, end_step=1), {})
+    restored.load_state_dict(callback.state_dict())
+    assert restored.cut_magnitudes == callback.cut_magnitudes
+
+
+def test_movement_warns_when_its_first_cut_removes_weights_as_large_as_those_it_keeps(caplog):
+    layer = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[3.0, 1.0]]))
+    callback = MovementScores({"l": layer}, MovementConfig(sparsity=0.5, end_step=1, score_update="sum"), {})
+    callback.end = 1
+    layer.weight.grad = torch.tensor([[1.0, 0.0]])  # scores [-3, 0]: the larger weight moves towards zero
+    callback.on_before_optimizer_step(None, None, None)
+    with caplog.at_level("WARNING", logger="llmk_lab.compression.movement"):
+        callback.prune(1)
+    assert callback.cut_magnitudes == [(1, 3.0)]
+    assert "first cut (step 1) removed weights 3.00x the mean size" in caplog.text
+
+
 def test_movement_scores_accumulate_minus_weight_times_gradient_and_prune_the_lowest():
     layer = nn.Linear(2, 2, bias=False)
     with torch.no_grad():
@@ -199,6 +230,8 @@ def test_movement_pruned_weights_keep_scoring_and_come_back_with_their_value():
     callback.prune(1)
     assert getattr(layer, MASK).tolist() == [[True, False], [False, True]]
     assert layer.weight.tolist() == [[1.0, 0.0], [0.0, 3.0]]  # back with its value; W[0,1] put aside
+    # first cut: removed 1 and 0.5 against kept 2 and 3; second: removed 2 against 1 (regrown) and 3
+    assert callback.cut_magnitudes == [(1, pytest.approx(0.75 / 2.5)), (1, pytest.approx(1.0))]
     assert callback.pruned_values["l"].tolist() == [[0.0, -2.0], [0.5, 0.0]] and callback.regrown == 1
 
 

@@ -24,7 +24,7 @@ source "$(dirname "$0")/../study.sh"
 
 # ONLY="gradual movement" bash sweep.sh: those methods only (two shells on disjoint lists share a machine's
 # cores; the report covers whatever the directory holds).
-METHODS=(dense magnitude gradual movement movement_long)
+METHODS=(dense magnitude gradual movement movement_long movement_paper movement_late)
 read -r -a ONLY_METHODS <<< "${ONLY:-${METHODS[*]}}"
 for name in "${ONLY_METHODS[@]}"; do
     [[ " ${METHODS[*]} " == *" $name "* ]] || { echo "ONLY=$ONLY: no method '$name' (allowed: ${METHODS[*]})" >&2; exit 2; }
@@ -40,4 +40,14 @@ wanted movement && study_sweep movement compression=movement "${SCHEDULE[@]}" "s
 # first 10 %, the target at 70 %), one sparsity and seed: does it leave the majority class with more steps?
 wanted movement_long && study_sweep movement_long compression=movement train.max_epochs=10 compression.start_step=188 \
     compression.end_step=1316 compression.frequency=10 seed=0 compression.sparsity=0.7
+# Movement pruning closer to the paper's recipe, one sparsity and seed: the top-k recomputed every step
+# (frequency 1, as the reference does) at the paper's learning rate and at ours (the budget's train.lr
+# replaced by the two, so that the key is given once).
+wanted movement_paper && (BUDGET=("${BUDGET[@]/#train.lr=*/train.lr=3e-5,$FULL_LR}")
+    study_sweep movement_paper compression=movement compression.start_step=38 compression.end_step=263 \
+        compression.frequency=1 seed=0 compression.sparsity=0.7)
+# Movement pruning after a dense half of training (cuts from step 188 to 338): the weights moving towards
+# zero have had five times as long to get there before the first cut.
+wanted movement_late && study_sweep movement_late compression=movement compression.start_step=188 \
+    compression.end_step=338 compression.frequency=10 seed=0 compression.sparsity=0.7
 python -m llmk_lab.report "$SWEEP" --series compression  # one accuracy-vs-sparsity line per method

@@ -91,6 +91,10 @@ class ScheduledPruning(pl.Callback):
         # regrowing methods: the values the pruned weights had when they were pruned (zero where kept)
         self.pruned_values: dict[str, torch.Tensor] = {}
         self.regrown = 0
+        # (step, mean |W| of the weights the cut removed / mean |W| of those it kept), per cut that removed
+        # any: near 0 when a cut takes weights already near zero, near 1 when it takes weights as large as
+        # the rest (a random cut's value), which on a model still being fine-tuned costs accuracy.
+        self.cut_magnitudes: list[tuple[int, float]] = []
 
     def scores(self, name: str, layer: nn.Linear) -> torch.Tensor:
         return layer.weight.detach().abs()
@@ -112,12 +116,14 @@ class ScheduledPruning(pl.Callback):
     # weights at zero and prunes on from where it stopped.
     def state_dict(self) -> dict:
         return {"history": list(self.history), "end": self.end, "regrown": self.regrown,
+                "cut_magnitudes": list(self.cut_magnitudes),
                 "masks": {name: getattr(layer, MASK) for name, layer in self.layers.items() if hasattr(layer, MASK)},
                 "pruned_values": self.pruned_values}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.history, self.end = [tuple(entry) for entry in state_dict["history"]], state_dict["end"]
         self.regrown = state_dict.get("regrown", 0)
+        self.cut_magnitudes = [tuple(entry) for entry in state_dict.get("cut_magnitudes", [])]
         for name, mask in state_dict["masks"].items():
             set_mask(self.layers[name], mask)
         self.pruned_values = dict(state_dict.get("pruned_values", {}))
@@ -131,16 +137,24 @@ class ScheduledPruning(pl.Callback):
     def prune(self, step: int) -> None:
         s = self.settings
         target = cubic_sparsity(step, s.initial_sparsity, s.sparsity, s.start_step, self.end)
+        removed_sum = removed_count = kept_sum = kept_count = 0.0
         for name, layer in self.layers.items():
+            size = self.dense_weight(name, layer).abs()  # before the cut, pruned weights at their old values
+            was_kept = getattr(layer, MASK, torch.ones_like(size, dtype=torch.bool)).clone()
             scores = self.scores(name, layer).clone()
             if self.regrows:
                 self._remask(name, layer, lowest_k_mask(scores, round(target * scores.numel())))
-                continue
-            mask = getattr(layer, MASK, None)
-            if mask is not None:
-                scores[~mask] = -torch.inf  # already pruned weights stay pruned and count first
-            set_mask(layer, lowest_k_mask(scores, round(target * scores.numel())))
+            else:
+                if not was_kept.all():
+                    scores[~was_kept] = -torch.inf  # already pruned weights stay pruned and count first
+                set_mask(layer, lowest_k_mask(scores, round(target * scores.numel())))
+            keep = getattr(layer, MASK)
+            removed = was_kept & ~keep
+            removed_sum, removed_count = removed_sum + float(size[removed].sum()), removed_count + int(removed.sum())
+            kept_sum, kept_count = kept_sum + float(size[keep].sum()), kept_count + int(keep.sum())
         self.history.append((step, target))
+        if removed_count and kept_sum:
+            self.cut_magnitudes.append((step, (removed_sum / removed_count) / (kept_sum / kept_count)))
 
     def _remask(self, name: str, layer: nn.Linear, keep: torch.Tensor) -> None:
         """Replace the layer's mask by `keep`: weights leaving the mask get back their value from when they
@@ -196,8 +210,18 @@ class ScheduledPruning(pl.Callback):
             self.prune(self.end)
         self.report.update(requested_sparsity=self.settings.sparsity, schedule_end_step=self.end,
                            pruning_steps=len(self.history), **({"regrown_weights": self.regrown} if self.regrows else {}),
+                           **self.cut_magnitude_report(),
                            achieved_sparsity=sparsity_report(pl_module.model, self.layers)["overall"],
                            pruned_layers=len(self.layers))
+
+
+    def cut_magnitude_report(self) -> dict:
+        """The first cut's and the mean cut's removed-to-kept magnitude ratio (`cut_magnitudes`)."""
+        if not self.cut_magnitudes:
+            return {}
+        ratios = [ratio for _, ratio in self.cut_magnitudes]
+        return {"removed_to_kept_magnitude_first_cut": ratios[0],
+                "removed_to_kept_magnitude_mean": sum(ratios) / len(ratios)}
 
 
 def trainable_targets(ctx, settings, key: str) -> dict[str, nn.Linear]:

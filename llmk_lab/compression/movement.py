@@ -12,6 +12,7 @@ risen comes back (Sanh et al. take the top-k of S at every step). Pruned weights
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +20,8 @@ import torch
 from llmk_lab.compression import COMPRESSION, CompressionMethod
 from llmk_lab.compression.gradual import GradualConfig, ScheduledPruning, trainable_targets
 from llmk_lab.errors import check
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,6 +41,9 @@ class MovementConfig(GradualConfig):
 SCORE_UPDATES = ("adam", "sum")
 # Adam's constants for the scores (the ranking does not depend on a learning rate: every score starts at 0).
 BETAS, EPS = (0.9, 0.999), 1e-12
+# A first cut removing weights over half the kept weights' mean size: the weights moving towards zero are
+# still far from it (a magnitude cut's ratio is a small fraction; a random cut's is 1).
+LARGE_FIRST_CUT = 0.5
 
 
 class MovementScores(ScheduledPruning):
@@ -68,6 +74,16 @@ class MovementScores(ScheduledPruning):
         device = {name: layer.weight.device for name, layer in self.layers.items()}
         self.movement = {name: score.to(device[name]) for name, score in self.movement.items()}
         self.moments = {name: (m.to(device[name]), v.to(device[name])) for name, (m, v) in self.moments.items()}
+
+    def prune(self, step: int) -> None:
+        super().prune(step)
+        if len(self.cut_magnitudes) == 1 and self.cut_magnitudes[0][0] == step and self.cut_magnitudes[0][1] > LARGE_FIRST_CUT:
+            log.warning(
+                "compression.method=movement: the first cut (step %d) removed weights %.2fx the mean size of those it "
+                "kept: the scores rank by the direction weights move in, and after compression.start_step=%d steps "
+                "the weights moving towards zero are still far from it. Cutting them this early collapsed every run "
+                "of experiments/pruning_finetune (376 steps); Sanh et al. train a full epoch dense first",
+                step, self.cut_magnitudes[0][1], self.settings.start_step)
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
