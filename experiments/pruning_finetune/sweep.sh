@@ -24,7 +24,7 @@ source "$(dirname "$0")/../study.sh"
 
 # ONLY="gradual movement" bash sweep.sh: those methods only (two shells on disjoint lists share a machine's
 # cores; the report covers whatever the directory holds).
-METHODS=(dense magnitude gradual movement movement_long movement_paper movement_late)
+METHODS=(dense magnitude gradual movement movement_long movement_paper movement_late movement_low)
 read -r -a ONLY_METHODS <<< "${ONLY:-${METHODS[*]}}"
 for name in "${ONLY_METHODS[@]}"; do
     [[ " ${METHODS[*]} " == *" $name "* ]] || { echo "ONLY=$ONLY: no method '$name' (allowed: ${METHODS[*]})" >&2; exit 2; }
@@ -50,4 +50,6 @@ wanted movement_paper && (BUDGET=("${BUDGET[@]/#train.lr=*/train.lr=3e-5,$FULL_L
 # zero have had five times as long to get there before the first cut.
 wanted movement_late && study_sweep movement_late compression=movement compression.start_step=188 \
     compression.end_step=338 compression.frequency=10 seed=0 compression.sparsity=0.7
+# Movement pruning to 10 and 30 %, seed 0: smaller cuts on the same schedule (the first removes 1.3 and 3.8 %).
+wanted movement_low && study_sweep movement_low compression=movement "${SCHEDULE[@]}" seed=0 compression.sparsity=0.1,0.3
 python -m llmk_lab.report "$SWEEP" --series compression  # one accuracy-vs-sparsity line per method
