@@ -71,3 +71,19 @@ def test_a_job_that_failed_after_training_is_a_failure_not_a_result(tmp_path):
     jobs = {job.name: job for job in collect_jobs(sweep_dir)}
     assert jobs["0"].metrics and jobs["0"].failure is None
     assert jobs["1"].metrics is None and "export" in jobs["1"].failure["error"]
+
+
+def test_report_csv_has_a_column_per_numeric_figure_of_each_compression_method(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    for num, sparsity in enumerate((0.5, 0.7)):
+        run_dir = sweep_dir / str(num)
+        (run_dir / ".hydra").mkdir(parents=True)
+        OmegaConf.save(OmegaConf.create([f"compression.sparsity={sparsity}"]), run_dir / ".hydra" / "overrides.yaml")
+        OmegaConf.save(OmegaConf.create({"optimized_metric": "val/acc"}), run_dir / ".hydra" / "config.yaml")
+        (run_dir / "metrics.json").write_text(json.dumps({"val/acc": 0.8, "compression": [
+            {"method": "movement", "removed_to_kept_magnitude_first_cut": sparsity, "pruned_layers": 36}]}))
+    assert main([str(sweep_dir)]) == 0
+    with (sweep_dir / "report.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [float(row["compression/movement/removed_to_kept_magnitude_first_cut"]) for row in rows] == [0.5, 0.7]
+    assert "compression/movement/method" not in rows[0]  # only numbers

@@ -2,9 +2,10 @@
 
 Runs the study's movement job (`python -m llmk_lab` with the overrides below, and any given on the command
 line) up to the first step that would prune, then, on the last 12 training batches the job saw (the
-model in eval mode, its own task loss), removes 0.5, 1, 2 and 5 % of every targeted matrix chosen by the
-movement score (lowest first), by the score negated, at random and by |W|, restores the weights after
-each, prints one line per cut and stops the job (nothing is trained further or exported).
+model in eval mode: its own task loss, and the share of those examples given the most predicted class),
+removes 0.5, 1, 2 and 5 % of every targeted matrix chosen by the movement score (lowest first), by the
+score negated, at random and by |W|, restores the weights after each, prints one line per cut and stops
+the job (nothing is trained further or exported).
 
     python experiments/pruning_finetune/cut_damage.py            # ~1.5 minutes on 2 cores
 """
@@ -40,16 +41,21 @@ def measure(callback, pl_module) -> None:
     scores = {"movement score": lambda name: callback.movement[name], "negated": lambda name: -callback.movement[name],
               "random": lambda name: random[name], "magnitude |W|": lambda name: saved[name].abs()}
 
-    def loss() -> float:
-        return sum(float(model(**batch).loss) for batch in recent) / len(recent)
+    def loss() -> str:
+        """Mean task loss over the batches, and the share of them given the most predicted class."""
+        outputs = [model(**batch) for batch in recent]
+        predicted = torch.cat([output.logits.argmax(-1) for output in outputs])
+        one_class = float(torch.bincount(predicted).max()) / len(predicted)
+        return f"{sum(float(output.loss) for output in outputs) / len(outputs):.3f} ({one_class:.0%} one class)"
 
-    print(f"CUT step {pl_module.trainer.global_step}: loss on the last {len(recent)} training batches, no cut: {loss():.3f}")
+    print(f"CUT step {pl_module.trainer.global_step}: loss on the last {len(recent)} training batches "
+          f"(share given the most predicted class), no cut: {loss()}")
     for fraction in FRACTIONS:
         line = []
         for label, score in scores.items():
             for name, layer in callback.layers.items():
                 layer.weight.mul_(lowest_k_mask(score(name).clone(), round(fraction * layer.weight.numel())))
-            line.append(f"{label} {loss():.3f}")
+            line.append(f"{label} {loss()}")
             for name, layer in callback.layers.items():
                 layer.weight.copy_(saved[name])
         print(f"CUT {fraction:.1%} of each matrix: " + ", ".join(line))

@@ -9,6 +9,11 @@ On Zhu & Gupta's cubic schedule, every `frequency` steps, the lowest-scoring wei
 the scheduled sparsity are pruned and the rest kept, pruned ones included: a weight whose score has
 risen comes back (Sanh et al. take the top-k of S at every step). Pruned weights do not train. From
 `end_step` the mask is fixed.
+
+Sanh et al. fine-tune for 10 epochs of MNLI. At a few hundred steps it collapses to a constant prediction
+(experiments/pruning_finetune): the lowest scores still belong to weights about as large as the kept
+ones, and a cut of them costs far more than a random cut of the same size. The first cut's size ratio is
+reported (`removed_to_kept_magnitude_first_cut`) and warned about.
 """
 from __future__ import annotations
 
@@ -81,8 +86,9 @@ class MovementScores(ScheduledPruning):
             log.warning(
                 "compression.method=movement: the first cut (step %d) removed weights %.2fx the mean size of those it "
                 "kept: the scores rank by the direction weights move in, and after compression.start_step=%d steps "
-                "the weights moving towards zero are still far from it. Cutting them this early collapsed every run "
-                "of experiments/pruning_finetune (376 steps); Sanh et al. train a full epoch dense first",
+                "the weights moving towards zero are still far from it. Such cuts ended every run of "
+                "experiments/pruning_finetune (376 to 1,880 steps, 30 to 90 %%) at one class for every input; "
+                "Sanh et al. prune over ~86,000 steps",
                 step, self.cut_magnitudes[0][1], self.settings.start_step)
 
     @torch.no_grad()

@@ -51,6 +51,17 @@ def _sort_key(name: str) -> tuple:
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
+def with_method_figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    """`metrics` plus each compression method's numeric report entries as `compression/<method>/<key>`
+    (metrics.json keeps them in the `compression` list, one dict per method; report.csv needs columns)."""
+    flat = dict(metrics)
+    for entry in metrics.get("compression") or []:
+        for key, value in entry.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat.setdefault(f"compression/{entry.get('method')}/{key}", value)
+    return flat
+
+
 def collect_jobs(sweep_dir: Path) -> list[Job]:
     jobs = []
     for run_dir in sorted((p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")),
@@ -64,7 +75,8 @@ def collect_jobs(sweep_dir: Path) -> list[Job]:
             failure = {"error": f"stage {metrics['failed_stage']!r}: {metrics.get('error', '')}",
                        "type": "FailedStage", **(read_json(run_dir / "failed.json") or {})}
             metrics = None
-        jobs.append(Job(run_dir.name, run_dir, _job_overrides(run_dir), metrics, failure))
+        jobs.append(Job(run_dir.name, run_dir, _job_overrides(run_dir), metrics and with_method_figures(metrics),
+                        failure))
     return jobs
 
 
