@@ -7,7 +7,7 @@ removes 0.5, 1, 2 and 5 % of every targeted matrix chosen by the movement score 
 score negated, at random and by |W|, restores the weights after each, prints one line per cut and stops
 the job (nothing is trained further or exported).
 
-    python experiments/pruning_finetune/cut_damage.py            # ~1.5 minutes on 2 cores
+    python experiments/pruning_finetune/cut_damage.py            # about a minute on 2 cores
 """
 from __future__ import annotations
 

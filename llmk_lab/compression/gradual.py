@@ -93,7 +93,7 @@ class ScheduledPruning(pl.Callback):
         self.regrown = 0
         # (step, mean |W| of the weights the cut removed / mean |W| of those it kept), per cut that removed
         # any: near 0 when a cut takes weights already near zero, near 1 when it takes weights as large as
-        # the rest (a random cut's value), which on a model still being fine-tuned costs accuracy.
+        # the rest, as a cut blind to size does.
         self.cut_magnitudes: list[tuple[int, float]] = []
 
     def scores(self, name: str, layer: nn.Linear) -> torch.Tensor:
@@ -213,7 +213,6 @@ class ScheduledPruning(pl.Callback):
                            **self.cut_magnitude_report(),
                            achieved_sparsity=sparsity_report(pl_module.model, self.layers)["overall"],
                            pruned_layers=len(self.layers))
-
 
     def cut_magnitude_report(self) -> dict:
         """The first cut's and the mean cut's removed-to-kept magnitude ratio (`cut_magnitudes`)."""
