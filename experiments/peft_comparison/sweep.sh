@@ -2,7 +2,8 @@
 # Every PEFT strategy on movie-review sentiment with MiniLM-L6, each at its best learning rate.
 #   bash experiments/peft_comparison/sweep.sh            # SWEEP=<dir> to choose the directory, ONLY=<names> below
 # Two stages, all jobs in one sweep directory (one report covers them):
-#   1. grid: every strategy at three learning rates, seed 0 (jobs grid_<strategy>_<n>);
+#   1. grid: every strategy at three learning rates, seed 0 (jobs grid_<strategy>_<n>); IA3 and prefix tuning at a
+#      fourth, above, once their best was the top of three;
 #   2. seeds: seeds 1 and 2 at the learning rate whose seed-0 validation accuracy was best (seeds_<strategy>_<n>).
 # The learning rate is chosen on validation accuracy only; test accuracy is reported for the chosen rate,
 # mean +/- std over seeds 0, 1, 2. One command per strategy (each its own process), because peak memory
@@ -21,9 +22,9 @@ BUDGET=(compression=none logger=csv data.limit_train=3000 train.max_epochs=2 tra
 declare -A GRID=(
   [linear_probe]=3e-3,1e-2,3e-2
   [bitfit]=1e-3,3e-3,1e-2
-  [ia3]=3e-3,1e-2,3e-2
+  [ia3]=3e-3,1e-2,3e-2,1e-1
   [prompt]=1e-2,3e-2,1e-1
-  [prefix]=3e-3,1e-2,3e-2
+  [prefix]=3e-3,1e-2,3e-2,1e-1
   [lora]=3e-4,1e-3,3e-3
   [adalora]=3e-4,1e-3,3e-3
   [adapter]=3e-4,1e-3,3e-3
