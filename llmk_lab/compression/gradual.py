@@ -140,13 +140,13 @@ class ScheduledPruning(pl.Callback):
         removed_sum = removed_count = kept_sum = kept_count = 0.0
         for name, layer in self.layers.items():
             size = self.dense_weight(name, layer).abs()  # before the cut, pruned weights at their old values
-            was_kept = getattr(layer, MASK, torch.ones_like(size, dtype=torch.bool)).clone()
+            mask = getattr(layer, MASK, None)
+            was_kept = torch.ones_like(size, dtype=torch.bool) if mask is None else mask.clone()
             scores = self.scores(name, layer).clone()
             if self.regrows:
-                self._remask(name, layer, lowest_k_mask(scores, round(target * scores.numel())))
+                self._remask(name, layer, was_kept, lowest_k_mask(scores, round(target * scores.numel())))
             else:
-                if not was_kept.all():
-                    scores[~was_kept] = -torch.inf  # already pruned weights stay pruned and count first
+                scores[~was_kept] = -torch.inf  # already pruned weights stay pruned and count first
                 set_mask(layer, lowest_k_mask(scores, round(target * scores.numel())))
             keep = getattr(layer, MASK)
             removed = was_kept & ~keep
@@ -156,11 +156,9 @@ class ScheduledPruning(pl.Callback):
         if removed_count and kept_sum:
             self.cut_magnitudes.append((step, (removed_sum / removed_count) / (kept_sum / kept_count)))
 
-    def _remask(self, name: str, layer: nn.Linear, keep: torch.Tensor) -> None:
-        """Replace the layer's mask by `keep`: weights leaving the mask get back their value from when they
-        were pruned, newly pruned ones have theirs put aside and are zeroed."""
-        old = getattr(layer, MASK, None)
-        was_kept = old if old is not None else torch.ones_like(keep)
+    def _remask(self, name: str, layer: nn.Linear, was_kept: torch.Tensor, keep: torch.Tensor) -> None:
+        """Replace the layer's mask `was_kept` by `keep`: weights leaving the mask get back their value from
+        when they were pruned, newly pruned ones have theirs put aside and are zeroed."""
         values = self.pruned_values.setdefault(name, torch.zeros_like(layer.weight))
         weight = layer.weight.data
         back, newly = keep & ~was_kept, ~keep & was_kept
@@ -169,10 +167,10 @@ class ScheduledPruning(pl.Callback):
         values[newly] = weight[newly]
         weight.mul_(keep)
         self.regrown += int(back.sum())
-        if old is None:
-            layer.register_buffer(MASK, keep.clone(), persistent=False)
+        if hasattr(layer, MASK):
+            getattr(layer, MASK).copy_(keep)
         else:
-            old.copy_(keep)
+            layer.register_buffer(MASK, keep.clone(), persistent=False)
 
     def dense_weight(self, name: str, layer: nn.Linear) -> torch.Tensor:
         """The weight with its pruned entries at the values they were pruned with (what a regrown weight

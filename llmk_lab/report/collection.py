@@ -51,13 +51,18 @@ def _sort_key(name: str) -> tuple:
     return (0, int(name), "") if name.isdigit() else (1, 0, name)
 
 
+def is_number(value: Any) -> bool:
+    """A metric the report can average (bools are ints to Python, not figures)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def with_method_figures(metrics: dict[str, Any]) -> dict[str, Any]:
     """`metrics` plus each compression method's numeric report entries as `compression/<method>/<key>`
     (metrics.json keeps them in the `compression` list, one dict per method; report.csv needs columns)."""
     flat = dict(metrics)
     for entry in metrics.get("compression") or []:
         for key, value in entry.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if is_number(value):
                 flat.setdefault(f"compression/{entry.get('method')}/{key}", value)
     return flat
 

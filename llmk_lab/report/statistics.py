@@ -5,7 +5,7 @@ import math
 import statistics
 from typing import Any, Optional, Sequence
 
-from llmk_lab.report.collection import Job
+from llmk_lab.report.collection import Job, is_number
 
 # Training telemetry (time, throughput, memory of the training process) varies
 # from run to run and machine to machine; the report is about results and cost.
@@ -31,7 +31,7 @@ def metric_keys(jobs: Sequence[Job], optimized: str) -> list[str]:
     keys: dict[str, None] = {}
     for job in jobs:
         for key, value in (job.metrics or {}).items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if not is_number(value):
                 continue
             if key.startswith(SKIPPED_PREFIXES) or key in SKIPPED_KEYS:
                 continue
