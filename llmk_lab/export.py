@@ -11,7 +11,11 @@ At the end of a run (`export.model=true`, the default) three things go into the 
   torchao format (`from_pretrained` with torchao installed); torch.ao's dynamic int8 modules
   (`dynamic_int8`'s default backend), which transformers' format cannot hold, as their state dict
   (`int8_state_dict.pt`) beside config.json, loaded by `load_exported` (three lines of plain torch
-  and transformers, in the README).
+  and transformers, in the README). Low-bit models (`rtn`, `gptq`, `awq`) keep their packed codes:
+  symmetric grids as compressed-tensors' `pack-quantized` format (`from_pretrained` with
+  compressed-tensors installed, which unpacks them into float layers); asymmetric ones, which
+  transformers' compressed-tensors loader does not read back (its zero-point layout differs), as
+  their state dict (`low_bit_state_dict.safetensors`) loaded by `load_exported`.
 - `reference/test.safetensors`: the run's own outputs on (up to `REFERENCE_EXAMPLES` of) its test
   split and the token ids they came from, so any later export (ONNX) or comparison is checked
   against the run with nothing but the run directory.
@@ -65,6 +69,9 @@ PLAIN = "transformers"                      # from_pretrained
 TORCHAO_INT8 = "transformers_torchao_int8"  # from_pretrained, with torchao installed
 TORCH_AO_INT8 = "torch_ao_dynamic_int8"     # from_config + quantize_dynamic + load_state_dict
 INT8_STATE_FILE = "int8_state_dict.pt"
+COMPRESSED_TENSORS = "compressed_tensors_pack_quantized"  # from_pretrained, with compressed-tensors installed
+LOW_BIT_STATE = "llmk_lab_low_bit_state_dict"             # from_config + PackedLinear + load_state_dict
+LOW_BIT_STATE_FILE = "low_bit_state_dict.safetensors"
 # The largest |output difference| an export may show, relative to 1 + the largest |output| of the run.
 OUTPUT_TOLERANCE = 1e-3
 ADAPTER_DIR = "adapter"
@@ -176,9 +183,15 @@ def linear_sparsity(model) -> dict[str, Any]:
 
     from llmk_lab.measure import stored_values
 
+    from llmk_lab.compression.low_bit import PackedLinear
+
     per_layer, zeros, total = {}, 0, 0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):  # torchao's int8 tensors stay inside nn.Linear
+        if isinstance(module, PackedLinear):  # the values its codes stand for
+            weight = module.dequantized_weight()
+        elif isinstance(module, torch.nn.Linear) and hasattr(module, "weight_packed"):
+            weight = _compressed_tensors_weight(module)  # reloaded by transformers, kept packed
+        elif isinstance(module, torch.nn.Linear):  # torchao's int8 tensors stay inside nn.Linear
             weight = stored_values(module.weight)
         elif hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
             weight = module.weight().int_repr()  # torch.ao's dynamic int8 Linear packs its weight
@@ -191,6 +204,15 @@ def linear_sparsity(model) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the HF folder
+
+def _compressed_tensors_weight(module):
+    """The weight a packed layer that transformers' compressed-tensors loader rebuilt stands for."""
+    from compressed_tensors.compressors import PackedQuantizationCompressor
+
+    parts = {k: getattr(module, k) for k in ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+             if hasattr(module, k)}
+    return PackedQuantizationCompressor.decompress(parts, module.quantization_scheme)["weight"]
+
 
 def task_info(task, data_cfg, extra: Optional[dict] = None) -> dict[str, Any]:
     return {"task": task.registered_name, "labels": list(task.labels) if task.labels else None,
@@ -216,8 +238,14 @@ def _torchao_weight(module):
 
 
 def model_format(model) -> str:
-    """PLAIN, TORCHAO_INT8 or TORCH_AO_INT8: which of the folder forms holds this model."""
+    """PLAIN, TORCHAO_INT8, TORCH_AO_INT8, COMPRESSED_TENSORS or LOW_BIT_STATE: which of the folder forms
+    holds this model."""
+    from llmk_lab.compression.low_bit import packed_layers
+
     modules = list(model.modules())
+    packed = packed_layers(model)
+    if packed:
+        return COMPRESSED_TENSORS if all(p.symmetric for p in packed.values()) else LOW_BIT_STATE
     if any(hasattr(m, "_packed_params") for m in modules):
         return TORCH_AO_INT8
     if any(_torchao_weight(m) is not None for m in modules):
@@ -274,11 +302,81 @@ def _save_torch_ao(model, dest: Path) -> dict[str, Any]:
     return {"int8_modules": names}
 
 
+def _unique_tensors(model) -> tuple[dict[str, Any], list[str]]:
+    """The state dict with tied tensors stored once (safetensors holds no shared tensors), and the names
+    left out (their tensor is stored under another name; the model ties them again when built)."""
+    from llmk_lab.measure import _unique_state
+
+    full = model.state_dict()
+    state = {k: v.contiguous() for k, v in _unique_state(model).items()}
+    return state, sorted(set(full) - set(state))
+
+
+def _save_config(model, dest: Path) -> None:
+    model.config.save_pretrained(dest)
+    if getattr(model, "generation_config", None) is not None and model.can_generate():
+        model.generation_config.save_pretrained(dest)
+
+
+def _save_compressed_tensors(model, dest: Path) -> dict[str, Any]:
+    """compressed-tensors' `pack-quantized` folder: the packed codes and scales under the layers' names, and a
+    `quantization_config` naming every packed layer with its scheme, so `from_pretrained` rebuilds them."""
+    from safetensors.torch import save_file
+
+    from llmk_lab.compression.low_bit import PER_CHANNEL, packed_layers
+
+    schemes: dict[tuple, list[str]] = {}
+    for name, layer in packed_layers(model).items():
+        schemes.setdefault((layer.bits, layer.group_size), []).append(name)
+    groups = {f"group_{i}": {"targets": names, "weights": {
+        "num_bits": bits, "type": "int", "symmetric": True, "dynamic": False, "observer": "minmax",
+        "strategy": "channel" if size == PER_CHANNEL else "group",
+        "group_size": None if size == PER_CHANNEL else size}}
+        for i, ((bits, size), names) in enumerate(sorted(schemes.items()))}
+    config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+              "config_groups": groups, "ignore": []}
+    dest.mkdir(parents=True, exist_ok=True)
+    before = getattr(model.config, "quantization_config", None)
+    model.config.quantization_config = config
+    try:
+        _save_config(model, dest)
+    finally:  # the run's copy stays as the figures measured it
+        if before is None:
+            del model.config.quantization_config
+        else:
+            model.config.quantization_config = before
+    state, _ = _unique_tensors(model)
+    save_file(state, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    return {}
+
+
+def _save_low_bit_state(model, dest: Path) -> dict[str, Any]:
+    """Packed layers transformers cannot rebuild: config.json and the state dict, with each layer's scheme."""
+    from safetensors.torch import save_file
+
+    from llmk_lab.compression.low_bit import packed_layers
+
+    dest.mkdir(parents=True, exist_ok=True)
+    _save_config(model, dest)
+    state, tied = _unique_tensors(model)
+    save_file(state, str(dest / LOW_BIT_STATE_FILE), metadata={"format": "pt"})
+    layers = {name: {"bits": p.bits, "group_size": p.group_size, "symmetric": p.symmetric, "bias": p.bias is not None}
+              for name, p in packed_layers(model).items()}
+    return {"low_bit_modules": layers, "tied_keys": tied}
+
+
 def save_model(model, dest: Path) -> dict[str, Any]:
     """Write `model` to `dest` in its format; what `llmk_lab.json` must say to load it."""
     kind = model_format(model)
     extra: dict[str, Any] = {"format": kind}
-    if kind == TORCH_AO_INT8:
+    if kind == COMPRESSED_TENSORS:
+        extra.update(_save_compressed_tensors(model, dest))
+    elif kind == LOW_BIT_STATE:
+        log.warning("model/: asymmetric low-bit weights do not reload through transformers' compressed-tensors "
+                    "loader; written as their state dict (%s), loaded by llmk_lab.export.load_exported",
+                    LOW_BIT_STATE_FILE)
+        extra.update(_save_low_bit_state(model, dest))
+    elif kind == TORCH_AO_INT8:
         extra.update(_save_torch_ao(model, dest))
     elif kind == TORCHAO_INT8:
         _save_torchao(model, dest)
@@ -308,6 +406,28 @@ def load_exported(folder: Path, info: Optional[dict] = None, loading_info: bool 
             model.load_state_dict(torch.load(folder / INT8_STATE_FILE, weights_only=True))
         model = model.eval()
         return (model, []) if loading_info else model
+    if info.get("format") == LOW_BIT_STATE:
+        from safetensors.torch import load_file
+
+        from llmk_lab.compression.low_bit import PackedLinear, replace_module
+
+        model = auto_class.from_config(transformers.AutoConfig.from_pretrained(folder))
+        for name, scheme in info["low_bit_modules"].items():
+            old = model.get_submodule(name)
+            replace_module(model, name, PackedLinear(old.in_features, old.out_features, scheme["bits"],
+                                                     scheme["group_size"], scheme["symmetric"], scheme["bias"],
+                                                     old.weight.dtype))
+        result = model.load_state_dict(load_file(str(folder / LOW_BIT_STATE_FILE)), strict=False)
+        unused = sorted(set(result.unexpected_keys) | (set(result.missing_keys) - set(info.get("tied_keys", []))))
+        model.tie_weights()
+        model = model.eval()
+        return (model, unused) if loading_info else model
+    if info.get("format") == COMPRESSED_TENSORS:
+        try:
+            import compressed_tensors  # noqa: F401
+        except ImportError:
+            raise UserError(f"{folder} holds low-bit weights in compressed-tensors' format: loading them needs "
+                            "compressed-tensors (pip install compressed-tensors)") from None
     if info.get("format") == TORCHAO_INT8:
         try:
             import torchao  # noqa: F401

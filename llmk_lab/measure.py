@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llmk_lab.compression import FINE_TUNED
+from llmk_lab.compression.low_bit import PackedLinear
 
 
 def stored_values(tensor: torch.Tensor) -> torch.Tensor:
@@ -28,9 +29,12 @@ def stored_values(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def packed_weights(model: nn.Module):
-    """(name, tensor) of the weights torch.ao's quantised modules keep packed, outside `parameters()`."""
+    """(name, tensor) of the weights quantised modules keep packed, outside `parameters()`: torch.ao's int8
+    Linear, and the low-bit `PackedLinear` (as the values its codes stand for, so zeros count as zeros)."""
     for name, module in model.named_modules():
-        if hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
+        if isinstance(module, PackedLinear):
+            yield f"{name}.weight", module.dequantized_weight()
+        elif hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
             yield f"{name}.weight", module.weight()
             bias = module.bias() if callable(getattr(module, "bias", None)) else None
             if bias is not None:

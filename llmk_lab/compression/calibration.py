@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -33,11 +33,13 @@ log = logging.getLogger(__name__)
 
 
 class InputStatistics:
-    """What one linear layer's calibration inputs say: token count, column norms, and optionally X^T X."""
+    """What one linear layer's calibration inputs say: token count, column norms and mean |x| per input
+    feature, and optionally X^T X."""
 
     def __init__(self, in_features: int, device: torch.device, gram: bool = False):
         self.tokens = 0
         self.squared_column_norms = torch.zeros(in_features, dtype=torch.float64, device=device)
+        self.absolute_sums = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.gram = torch.zeros(in_features, in_features, dtype=torch.float32, device=device) if gram else None
 
     def add(self, x: torch.Tensor) -> None:
@@ -45,8 +47,14 @@ class InputStatistics:
         x = x.detach().float()
         self.tokens += x.shape[0]
         self.squared_column_norms += x.double().pow(2).sum(0)
+        self.absolute_sums += x.double().abs().sum(0)
         if self.gram is not None:
             self.gram.addmm_(x.t(), x)
+
+    @property
+    def mean_absolute(self) -> torch.Tensor:
+        """Mean |x_j| over every calibration token: AWQ's activation salience."""
+        return (self.absolute_sums / max(self.tokens, 1)).float()
 
     @property
     def column_norms(self) -> torch.Tensor:
@@ -151,13 +159,18 @@ def prune_block_sequentially(
     model: nn.Module,
     layers: dict[str, nn.Module],
     batches: Iterable[dict],
-    prune_layer: Callable[[str, nn.Module, InputStatistics], None],
+    prune_layer: Optional[Callable[[str, nn.Module, InputStatistics], None]],
     gram: bool = False,
+    process_block: Optional[Callable[[nn.Module, dict, dict, list], None]] = None,
 ) -> CalibrationResult:
-    """Prune `layers` block by block, each block calibrated on the outputs of the pruned blocks below it.
+    """Prune (or quantise) `layers` block by block, each block calibrated on the outputs of the already
+    compressed blocks below it.
 
-    `prune_layer(name, linear, statistics)` is called once per target layer,
-    after the statistics of every target layer of the same block are complete.
+    `prune_layer(name, linear, statistics)` is called once per target layer, after the statistics of
+    every target layer of the same block are complete. A method that treats a block as a whole (AWQ folds
+    scales between its layers) gives `process_block(block, layers, statistics, inputs)` instead, with the
+    block's calibration inputs as (args, kwargs, token mask) per batch. Either may replace a layer of the
+    block by another module; the block's outputs are computed after it.
     """
     blocks_path, blocks = find_blocks(model, layers)
     device = next(model.parameters()).device
@@ -193,8 +206,11 @@ def prune_block_sequentially(
             finally:
                 for handle in handles:
                     handle.remove()
-            for name, layer in in_block.items():
-                prune_layer(name, layer, stats[name])
+            if process_block is not None:
+                process_block(block, in_block, stats, records)
+            else:
+                for name, layer in in_block.items():
+                    prune_layer(name, layer, stats[name])
             # The pruned block's outputs are what the next block sees.
             for i, (args, kwargs, tokens) in enumerate(records):
                 hidden = _block_output(block(*args, **kwargs))

@@ -117,14 +117,14 @@ class TaskDataModule(pl.LightningDataModule):
     def test_dataloader(self):
         return self._loader("test", False, self.train_cfg.eval_batch_size)
 
-    def calibration_batches(self, n_examples: int, batch_size: Optional[int] = None) -> list[dict]:
+    def calibration_batches(self, n_examples: int, batch_size: Optional[int] = None, seed: int = 0) -> list[dict]:
         """Calibration data for one-shot compression, from training data only (never validation/test).
 
         The task decides how it is drawn (`Task.calibration_examples`: the first
         `n_examples` training examples of the fixed, seeded split; causal LM:
-        random windows of the training text, seed 0).
+        random windows of the training text drawn with `seed`, 0 as in the papers).
         """
-        examples = self.task.calibration_examples(self.tokenized, n_examples, self.data_cfg)
+        examples = self.task.calibration_examples(self.tokenized, n_examples, self.data_cfg, seed)
         loader = DataLoader(examples, batch_size=batch_size or self.train_cfg.eval_batch_size,
                             shuffle=False, collate_fn=self.collate)
         return list(loader)

@@ -29,6 +29,9 @@ class PeftStrategy:
     # Whether training reads every trained parameter's whole gradient (AdaLoRA's sensitivity scores): FSDP gives
     # each process only its shard of them, so plan() refuses hardware.strategy=fsdp with it.
     reads_whole_gradients: bool = False
+    # Whether the trained model holds adapter modules wrapped around (or hung on) the base layers: compression
+    # that replaces those layers after fit by another kind (packed low-bit weights) cannot keep them.
+    wraps_model: bool = False
     # How the folder `save_adapter` writes loads without llmk_lab onto the base the run started from:
     # PEFT_FOLDER (peft's `PeftModel.from_pretrained`), TRAINED_TENSORS (the trained parameters of the model's
     # own modules: `load_state_dict` into the base), or None (it does not; `adapter_refusal` says why).

@@ -104,6 +104,7 @@ def norm_parameter_names(model: nn.Module) -> list[str]:
 @PEFT.register("adapter", config=AdapterConfig)
 class BottleneckAdapters(PeftStrategy):
     mergeable = False
+    wraps_model = True
     finds_layers_by_role = True
 
     def apply(self, model, ctx):

@@ -71,6 +71,7 @@ class PeftLibraryStrategy(PeftStrategy):
     """A strategy whose model is a peft `PeftModel`: saved with `save_pretrained`, merged by peft."""
     finds_layers_by_role = True  # LoRA, AdaLoRA and IA3 adapt the block linears (prefix/prompt say otherwise)
     adapter_format = PEFT_FOLDER
+    wraps_model = True
     # Whether its update over a pruned layer is masked (`masked_update_forward`), which plain peft does not do.
     masks_its_update = False
 

@@ -53,9 +53,10 @@ class Task:
         """Tokenise one split; tasks whose evaluation splits differ (fixed masks, ...) override this."""
         return self.tokenize(tokenizer, examples, data_cfg)
 
-    def calibration_examples(self, splits: dict[str, list[dict]], n_examples: int, data_cfg) -> list[dict]:
+    def calibration_examples(self, splits: dict[str, list[dict]], n_examples: int, data_cfg,
+                             seed: int = 0) -> list[dict]:
         """Tokenised training examples for one-shot compression (never validation or test): the first
-        `n_examples` of the fixed, seeded split; causal LM draws random windows instead."""
+        `n_examples` of the fixed, seeded split (`seed` unused); causal LM draws random windows with `seed`."""
         return splits["train"][:n_examples]
 
     def logits(self, outputs: Any) -> torch.Tensor:

@@ -167,10 +167,10 @@ class CausalLM(Task):
                     "labels": input_ids.clone()}
         return collate
 
-    def calibration_examples(self, splits, n_examples, data_cfg):
-        """Random windows of the training text (seed 0), never of the evaluation text."""
+    def calibration_examples(self, splits, n_examples, data_cfg, seed=CALIBRATION_SEED):
+        """Random windows of the training text (seed 0 unless a method sets its own), never of the evaluation text."""
         stream = torch.cat([e["input_ids"] for e in splits["train"]])
-        return [{"input_ids": w} for w in random_windows(stream, n_examples, data_cfg.max_length)]
+        return [{"input_ids": w} for w in random_windows(stream, n_examples, data_cfg.max_length, seed)]
 
     def metrics(self):
         return MetricCollection({"perplexity": TokenNLL()})
