@@ -45,6 +45,8 @@ class CompressionMethod:
     # pruned layers saved beside it), would not be the run's model, or None when it would: the adapter export
     # is then left out with this reason before anything is written (`export.export_adapter`).
     adapter_export_refusal: Optional[str] = None
+    # Whether the method puts the weights into a quantised form (int8, low-bit): a run quantises once.
+    quantizes_weights: bool = False
 
     def __init__(self, settings: Any):
         self.settings = settings

@@ -207,10 +207,24 @@ class AWQ(LowBitQuantization):
         self.report["scaled_layers"] = {}
         names = {id(layer): name for name, layer in layers.items()}
 
+        # Where scales fold is found on the first block and reused: the engine already relies on every block
+        # being called the same way, and testing each block would cost 30 extra block passes on a 30-block model.
+        fold_plan: list[tuple[str, list[str]]] = []
+        discovered = []
+
         def process_block(block, in_block, stats: dict[str, InputStatistics], records) -> None:
             grams = {name: stats[name].gram for name in in_block}
+            relative = {id(m): n for n, m in block.named_modules()}
+            by_relative = {relative[id(m)]: name for name, m in in_block.items()}
+            if not discovered:
+                discovered.append(True)
+                fold_plan.extend((relative[id(p)], [relative[id(in_block[r])] for r in readers])
+                                 for p, readers in foldable_groups(block, in_block, records[0]))
+                self.report["scale_folds"] = {p: readers for p, readers in fold_plan}
+            groups = [(block.get_submodule(p), [by_relative[r] for r in readers]) for p, readers in fold_plan
+                      if all(r in by_relative for r in readers)]
             scaled = set()
-            for producer, readers in foldable_groups(block, in_block, records[0]):
+            for producer, readers in groups:
                 weights = [weight_matrix(in_block[n]).float() for n in readers]
                 first = stats[readers[0]]
                 alpha, scale, error, plain = search_scale(weights, first.mean_absolute.to(weights[0].device),

@@ -33,3 +33,9 @@ class Chain(CompressionMethod):
             if isinstance(step, dict) and step.get("method") == "chain":
                 raise UserError(f"compression.steps[{i}].method='chain' is not allowed: chains do not nest")
             self.steps.append(COMPRESSION.build(step, f"compression.steps[{i}]"))
+        quantizers = [i for i, step in enumerate(self.steps) if step.quantizes_weights]
+        if len(quantizers) > 1:
+            names = [self.steps[i].registered_name for i in quantizers]
+            raise UserError(f"compression.steps[{quantizers[1]}].method={names[1]!r} is not allowed: step "
+                            f"{quantizers[0]} ({names[0]!r}) already quantises the weights; a chain quantises "
+                            "once (prune first, then one quantisation step)")

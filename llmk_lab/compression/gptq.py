@@ -6,8 +6,9 @@ the already quantised blocks below it): H = 2 X X^T + `percdamp` x mean(diag H),
 sweep of `llmk_lab/compression/obs.py`, the one SparseGPT uses, with each column rounded to the grid
 and its rounding error spread over the columns not yet quantised. As the reference `fasterquant`:
 
-- `group_size`: a group's (scale, zero) is fitted when the sweep reaches its first column, on the
-  current (already error-updated) values of its columns; per channel (-1), once on the whole matrix;
+- `group_size`: a group's (scale, zero) is fitted when the sweep reaches its first column, on its
+  columns' values updated by the blocks before (not yet by the current block's earlier columns, as in
+  the reference); per channel (-1), once on the whole matrix before the sweep;
 - `act_order`: columns visited in order of decreasing diag(H) (the inputs with the most energy
   first, while the most columns remain to absorb their error); with groups it needs
   `static_groups` (every group's parameters fitted on the original weights before the sweep), so

@@ -34,7 +34,6 @@ from torch import nn
 from llmk_lab.architectures import in_features, weight_matrix
 from llmk_lab.compression import COMPRESSION, FINE_TUNED, CompressionMethod, target_linears
 from llmk_lab.compression.masks import MASK
-from llmk_lab.compression.quantization import is_quantized
 from llmk_lab.errors import UserError, check
 
 # Bit widths the packed format stores and the reload path runs (compressed-tensors packs 1-8 bits;
@@ -239,6 +238,7 @@ class LowBitQuantization(CompressionMethod):
                               "low-bit model)")
     # Whether the method reads calibration data (GPTQ, AWQ).
     calibrated = False
+    quantizes_weights = True
 
     @property
     def grid(self) -> Grid:
@@ -267,7 +267,7 @@ class LowBitQuantization(CompressionMethod):
     def before_fit(self, ctx) -> None:
         # Checked before training so a doomed run costs nothing.
         previous = ctx.quantized_by
-        if previous is not None or _already_quantized(ctx.model):
+        if previous is not None or bool(packed_layers(ctx.model)):
             raise UserError(f"compression.method={self.settings.method!r}: the model is already quantised"
                             f"{f' by {previous!r}' if previous else ''}; quantise once (allowed: one "
                             "quantisation step per run, on a float model)")
@@ -301,10 +301,6 @@ class LowBitQuantization(CompressionMethod):
         s = self.settings
         return ctx.datamodule.calibration_batches(s.calibration_examples, s.calibration_batch_size,
                                                   seed=s.calibration_seed)
-
-
-def _already_quantized(model: nn.Module) -> bool:
-    return bool(packed_layers(model)) or is_quantized(model)
 
 
 def existing_keep_mask(layer: nn.Module) -> Optional[torch.Tensor]:

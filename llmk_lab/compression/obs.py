@@ -93,7 +93,9 @@ def obs_sweep(W: torch.Tensor, Hinv: torch.Tensor, blocksize: int, sparsity: flo
             q = w.clone()
             q[mask1[:, i]] = 0
             if quantize_column is not None:
-                q = quantize_column(i1 + i, q, lambda size, i=i: torch.cat([W1[:, i:], W[:, i2:]], 1)[:, :size])
+                # A group's parameters are fitted on W, whose columns in this block lack the block's own
+                # updates so far: the references' choice (`fasterquant`, AutoGPTQ), kept for exactness.
+                q = quantize_column(i1 + i, q, lambda size, j=i1 + i: W[:, j:j + size])
             Q1[:, i] = q
             err = (w - q) / d[i]
             W1[:, i:] -= err.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))

@@ -23,15 +23,17 @@ import torch
 from torch import nn
 
 from llmk_lab.compression import COMPRESSION, FINE_TUNED, CompressionMethod, target_linears
+from llmk_lab.compression.low_bit import PackedLinear
 from llmk_lab.errors import UserError, check
 
 BACKENDS = ("torch_ao", "torchao")
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """True when some layer already holds quantised weights (torch.ao modules or torchao tensors)."""
+    """True when some layer already holds quantised weights (torch.ao modules, torchao tensors, or the
+    low-bit methods' packed layers)."""
     for module in model.modules():
-        if "quantized" in type(module).__module__:
+        if "quantized" in type(module).__module__ or isinstance(module, PackedLinear):
             return True
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.Tensor) and (type(weight) not in (torch.Tensor, nn.Parameter)
@@ -92,7 +94,8 @@ class WeightOnlyInt8Config:
 
 
 class PostTrainingQuantization(CompressionMethod):
-    dense_reference = FINE_TUNED  # before_fit only checks; the weights change after training
+    dense_reference = FINE_TUNED
+    quantizes_weights = True  # before_fit only checks; the weights change after training
     merged_export_refusal = ("merged/ is a float checkpoint and the run's model is int8; model/ (export.model=true, "
                              "the default) holds the int8 model: torchao's int8 in transformers' torchao format "
                              "(from_pretrained), torch.ao's dynamic int8 as its state dict beside config.json")
