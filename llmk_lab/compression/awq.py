@@ -239,7 +239,7 @@ class AWQ(LowBitQuantization):
                     "readers": len(readers), "alpha": alpha, "error": error, "rtn_error": plain}
             for name, layer in in_block.items():
                 w = weight_matrix(layer).float()
-                if s.clip and not name.split(".")[-1] in NO_CLIP:
+                if s.clip and name.split(".")[-1] not in NO_CLIP:
                     w = search_clip(w, grams[name], self.grid, s.group_size, s.n_grid, s.max_shrink)
                 codes, scale_, zero = rtn(w, self.grid, s.group_size)
                 pack_layer(model, name, layer, codes, scale_, zero, self.grid, s.group_size)
