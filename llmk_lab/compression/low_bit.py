@@ -247,8 +247,9 @@ class LowBitQuantization(CompressionMethod):
     def refusal_with(self, strategy) -> Optional[str]:
         if strategy.wraps_model:
             return ("it replaces the base linear layers by packed low-bit ones after fit, and this strategy's "
-                    "adapter modules wrap those layers; train with peft=full, top_layers, bitfit or linear_probe "
-                    "(or compression=none and quantise the merged model in a second run)")
+                    "adapter modules wrap those layers; train with peft=full, top_layers, bitfit or linear_probe, or "
+                    "export the adapter merged (export.merged=true) and quantise that folder in a second run "
+                    "(model.name_or_path=RUN_DIR/merged peft=full train.max_steps=0)")
         return None
 
     def layers(self, model: nn.Module) -> dict[str, nn.Module]:
