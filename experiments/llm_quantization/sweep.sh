@@ -8,7 +8,7 @@ set -euo pipefail
 SWEEP=${SWEEP:-outputs/llm_quantization}
 source "$(dirname "$0")/../study.sh"
 
-NAMES=(dense rtn gptq awq gptq_channel awq_channel eight_bit aligned joint chain minilm_float minilm)
+NAMES=(dense rtn gptq awq gptq_channel awq_channel aligned joint chain minilm_float minilm)
 read -r -a ONLY_NAMES <<< "${ONLY:-${NAMES[*]}}"
 for name in "${ONLY_NAMES[@]}"; do
     [[ " ${NAMES[*]} " == *" $name "* ]] || { echo "ONLY=$ONLY: no job set '$name' (allowed: ${NAMES[*]})" >&2; exit 2; }
@@ -34,11 +34,12 @@ wanted gptq_channel && study_sweep gptq_channel compression=gptq compression.bit
     "${NO_EXPORT[@]}"
 wanted awq_channel && study_sweep awq_channel compression=awq compression.bits=4,3 compression.group_size=-1 \
     "${NO_EXPORT[@]}"
-wanted eight_bit && study_sweep eight_bit compression=gptq,awq compression.bits=8 compression.group_size=-1 \
-    "${NO_EXPORT[@]}"
 # Groups of 32 input weights, the grid the shipped weights were dequantised from (Q4_1: 32 weights, 16 levels).
-wanted aligned && study_sweep aligned compression=gptq,awq compression.bits=4 compression.group_size=32 \
-    "${NO_EXPORT[@]}"
+# (One command per method: a multirun's base config is composed without its sweeps, so the method is fixed.)
+for method in gptq awq; do
+    wanted aligned && study_sweep aligned_$method compression=$method compression.bits=4 compression.group_size=32 \
+        "${NO_EXPORT[@]}"
+done
 # SparseGPT's joint mode: 50 % and 2:4 chosen in the same sweep that rounds the kept weights to 4 bits.
 wanted joint && study_sweep joint compression=gptq compression.bits=4 compression.group_size=64 \
     compression.sparsity=0.5 "${NO_EXPORT[@]}"
@@ -55,5 +56,7 @@ wanted chain && (BUDGET=("${BUDGET[@]:0:5}"); study_sweep chain compression=chai
 MINILM=(peft=full logger=csv hardware.threads=1 train.lr=1e-4 measure.fidelity=true export.adapter=false
         export.checkpoint=false)
 wanted minilm_float && (BUDGET=("${MINILM[@]}"); study_sweep minilm_float compression=none export.model=false)
-wanted minilm && (BUDGET=("${MINILM[@]}"); study_sweep minilm compression=rtn,gptq,awq compression.bits=4,3 \
-    compression.group_size=128 export.model=false)
+for method in rtn gptq awq; do
+    wanted minilm && (BUDGET=("${MINILM[@]}"); study_sweep minilm_$method compression=$method compression.bits=4,3 \
+        compression.group_size=128 export.model=false)
+done
