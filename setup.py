@@ -10,5 +10,5 @@ from setuptools import find_packages, setup
 setup(
     packages=find_packages(include=["llmk_lab", "llmk_lab.*"]) + ["llmk_lab.conf"],
     package_dir={"llmk_lab.conf": "conf"},
-    package_data={"llmk_lab.conf": ["*.yaml", "**/*.yaml"]},
+    package_data={"llmk_lab.conf": ["*.yaml", "**/*.yaml"], "llmk_lab": ["lm_eval_tasks/*.yaml"]},
 )

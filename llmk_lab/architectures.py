@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
 
 from llmk_lab.errors import UserError
@@ -398,6 +399,18 @@ def pin_blocks(model: nn.Module, blocks: Optional[str]) -> None:
     if blocks:
         object.__setattr__(model, BLOCKS_ATTRIBUTE, blocks)
         find_blocks(model)  # a wrong name is refused at load time, in one line
+
+
+def has_decoder_blocks(model: nn.Module) -> bool:
+    """Whether the block stack is a decoder's (causal self-attention: Llama, GPT-2, Qwen, ...), not an
+    encoder's (BERT): transformers maps the model type to a causal LM and not to a masked LM, or the
+    config says it is a decoder (a BERT built as one)."""
+    config = getattr(model, "config", None)
+    model_type = _model_type(model)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return False
+    return bool(getattr(config, "is_decoder", False)) or (model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+                                                          and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
 def head_modules(model: nn.Module, task_heads: tuple[str, ...]) -> tuple[str, ...]:

@@ -293,12 +293,43 @@ class MeasureConfig:
     size: bool = True
     # Prediction agreement and mean KL(dense || compressed) on the test split.
     fidelity: bool = True
+    # Evaluate the compressed model before training too (validation and test, as `before_fit/<stage>/<metric>`):
+    # the figure a recovery run (prune, then LoRA) is judged against, in the same run as the final one.
+    before_fit: bool = False
 
     def __post_init__(self) -> None:
         check(all(b >= 1 for b in self.latency_batch_sizes), "latency_batch_sizes", self.latency_batch_sizes,
               "a list of positive integers (empty: skip)")
         check(self.latency_repeats >= 1, "latency_repeats", self.latency_repeats, "an integer >= 1")
         check(self.latency_warmup >= 0, "latency_warmup", self.latency_warmup, "an integer >= 0")
+
+
+@dataclass
+class LmEvalConfig:
+    # lm-evaluation-harness tasks run after training on the final model (empty: none), e.g.
+    # [llmk_movie_sentiment, llmk_shakespeare_cloze] (local, offline) or lm-eval's [hellaswag, arc_easy]
+    # (their datasets come from the hub). Figures: metrics.json `lm_eval/<task>/<metric>` (llmk_lab/lm_evaluation.py).
+    tasks: list[str] = field(default_factory=list)
+    # Few-shot examples per prompt (null: each task's own default, zero for the local ones).
+    num_fewshot: Optional[int] = None
+    # Documents per task (null: all).
+    limit: Optional[int] = None
+    batch_size: int = 8
+    # Bootstrap resamples for the standard errors of non-mean metrics (lm-eval's default is 100,000: minutes on CPU).
+    bootstrap_iters: int = 1000
+
+    def __post_init__(self) -> None:
+        check(all(isinstance(t, str) and t for t in self.tasks), "lm_eval.tasks", self.tasks, "a list of lm-eval task names")
+        check(self.num_fewshot is None or self.num_fewshot >= 0, "lm_eval.num_fewshot", self.num_fewshot, "null or >= 0")
+        check(self.limit is None or self.limit >= 1, "lm_eval.limit", self.limit, "null (all documents) or >= 1")
+        check(self.batch_size >= 1, "lm_eval.batch_size", self.batch_size, "an integer >= 1")
+        check(self.bootstrap_iters >= 0, "lm_eval.bootstrap_iters", self.bootstrap_iters, "an integer >= 0")
+
+
+@dataclass
+class EvalConfig:
+    # Evaluations beyond the task's own metric.
+    lm_eval: LmEvalConfig = field(default_factory=LmEvalConfig)
 
 
 @dataclass
@@ -335,6 +366,7 @@ class RunConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     measure: MeasureConfig = field(default_factory=MeasureConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 42
     # Metric the run returns to Hydra's sweepers (e.g. Optuna) and a sweep report ranks by; null: the task's
     # primary metric on the test split (test/acc, test/f1, test/perplexity), see `tasks.optimized_metric`.

@@ -68,6 +68,8 @@ TINY_SETTINGS = {
     "rtn": ["compression.group_size=16"],
     "gptq": ["compression.group_size=16", "compression.calibration_examples=16"],
     "awq": ["compression.group_size=16", "compression.calibration_examples=16"],
+    # The tiny models have 2 blocks: the default quarter rounds to none.
+    "layer_drop": ["compression.count=1", "compression.calibration_examples=16"],
 }
 
 
@@ -229,10 +231,16 @@ def planned(cell: Cell) -> tuple[Any, Optional[str], Optional[str]]:
         with open_dict(cfg):
             cfg.export.merged = merged
         try:
-            plan(cfg)
-            found.append(None)
+            methods = plan(cfg).methods
         except UserError as err:
             found.append(str(err))
+        else:
+            try:
+                for method in methods:
+                    method.check_model(_task_model(cell.task, cfg))  # what the task's model cannot take (a decoder)
+                found.append(None)
+            except UserError as err:
+                found.append(f"{err} (at model set-up)")
         if found[0] is None:
             with open_dict(cfg):
                 cfg.export.merged = True
@@ -240,6 +248,27 @@ def planned(cell: Cell) -> tuple[Any, Optional[str], Optional[str]]:
             break
     _PLANNED[cell] = (cfg, found[0], found[1])
     return _PLANNED[cell]
+
+
+_TASK_MODELS: dict[str, Any] = {}
+
+
+def _task_model(task: str, cfg) -> Any:
+    """The task's tiny model as a run loads it (built once per task; `check_model` only reads it)."""
+    if task not in _TASK_MODELS:
+        from llmk_lab.config import DataConfig, ModelConfig
+        from llmk_lab.data import load_data
+        from llmk_lab.models import load_model, load_tokenizer
+        from llmk_lab.registry import to_settings
+        from llmk_lab.tasks import get_task
+
+        from omegaconf import OmegaConf
+
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        model_cfg, data_cfg = to_settings(ModelConfig, plain["model"], "model"), to_settings(DataConfig, plain["data"], "data")
+        raw = load_data(data_cfg)
+        _TASK_MODELS[task] = load_model(model_cfg, get_task(raw.task, raw.labels), load_tokenizer(model_cfg))[0]
+    return _TASK_MODELS[task]
 
 
 def refusals(cell: Cell) -> tuple[Optional[str], Optional[str]]:

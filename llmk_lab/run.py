@@ -28,6 +28,7 @@ from llmk_lab.context import RunContext
 from llmk_lab.data import load_data
 from llmk_lab.data.module import TaskDataModule
 from llmk_lab.errors import UserError
+from llmk_lab.lm_evaluation import check_tasks as check_lm_eval_tasks, run_lm_eval
 from llmk_lab.manifest import build_manifest, write_json
 from llmk_lab.measure import (compression_figures, deployed, keep_fitted_reference, needs_reference, parameter_counts,
                               peak_memory_mb)
@@ -70,6 +71,12 @@ def plan(cfg: DictConfig) -> Plan:
         raise UserError(f"export.merged=true is not possible with peft.method={strategy.registered_name!r}: "
                         "its update cannot be folded into the weights")
     refuse_combinations(settings, methods, strategy)
+    if settings.eval.lm_eval.tasks:
+        if not strategy.logits_align_with_input:
+            raise UserError(f"eval.lm_eval.tasks is not possible with peft.method={strategy.registered_name!r}: "
+                            "lm-eval reads one logit row per input token, and its virtual tokens come first; "
+                            "use peft=prefix, lora or another strategy")
+        check_lm_eval_tasks(settings.eval.lm_eval)
     reason = pooling_refusal(settings.train, settings.export)
     if reason:
         raise UserError(reason)
@@ -299,6 +306,9 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     task = get_task(raw.task, raw.labels)
     tokenizer = load_tokenizer(settings.model)
     datamodule = TaskDataModule(raw, task, tokenizer, settings.data, settings.train, settings.seed)
+    if settings.eval.lm_eval.tasks and not task.scores_text_continuations:
+        raise UserError(f"eval.lm_eval.tasks={settings.eval.lm_eval.tasks} needs a causal language model; "
+                        f"data.task is {task.registered_name!r} (use a causal_lm dataset, e.g. data=shakespeare)")
     model, model_info = load_model(settings.model, task, tokenizer)
     # What the loaded model cannot take, refused for every step before anything is written or any step runs
     # (a chain's distillation teacher trains in its before_fit).
@@ -343,6 +353,10 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     failed = True
     try:
         trainer = build_trainer(settings, loggers, callbacks, run_dir)
+        if settings.measure.before_fit:
+            # The compressed (and adapter-wrapped: a fresh LoRA update is zero) model before any training step.
+            before = evaluate(trainer, ctx.module, datamodule)
+            ctx.reports.update({f"before_fit/{key}": value for key, value in before.items()})
         # Pretrained models load in eval mode; Lightning keeps each submodule's
         # mode, so switch to train mode explicitly (dropout on).
         ctx.module.train()
@@ -379,6 +393,9 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         # A distributed run's other ranks end here (an FSDP run's after gathering its model onto rank zero and
         # saving the checkpoint with it); rank zero goes on alone.
         hardware.leave_distributed(trainer, final_checkpoint(settings, run_dir))
+        if settings.eval.lm_eval.tasks:
+            with stages.stage("lm_eval"):
+                metrics.update(run_lm_eval(ctx.model, ctx.tokenizer, settings.eval.lm_eval, run_dir))
         with stages.stage("parameter_counts"):
             params = parameter_counts(ctx.model)
             metrics.update({f"params/{k}": v for k, v in params.items()})

@@ -16,10 +16,11 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from llmk_lab.architectures import LINEAR_TYPES, in_features
+from llmk_lab.architectures import LINEAR_TYPES, has_decoder_blocks, in_features
 from llmk_lab.compression import CompressionMethod, target_linears
 from llmk_lab.compression.calibration import InputStatistics, prune_block_sequentially
 from llmk_lab.compression.masks import sparsity_report
+from llmk_lab.compression.owl import owl_allocation
 from llmk_lab.errors import UserError, check
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,14 @@ class CalibratedConfig(OneShotConfig):
     calibration_examples: int = 128
     # Sequences per forward pass during calibration (null: the evaluation batch size).
     calibration_batch_size: Optional[int] = None
+    # How `sparsity` is spread over the blocks: uniform (every layer the same) | owl (outlier-weighted
+    # layer-wise sparsity, llmk_lab/compression/owl.py: blocks with more activation outliers keep more
+    # weights, the mean over blocks stays `sparsity`).
+    allocation: str = "uniform"
+    # OWL's outlier threshold M (a score is an outlier above M x the block's mean score) and spread lambda
+    # (block sparsities lie within sparsity +/- 2 lambda); the paper's 5 and 0.08.
+    owl_threshold: float = 5.0
+    owl_lambda: float = 0.08
 
     def __post_init__(self):
         super().__post_init__()
@@ -72,6 +81,15 @@ class CalibratedConfig(OneShotConfig):
               "a number of sequences >= 1")
         check(self.calibration_batch_size is None or self.calibration_batch_size >= 1, "calibration_batch_size",
               self.calibration_batch_size, "null or a batch size >= 1")
+        check(self.allocation in ALLOCATIONS, "allocation", self.allocation, " | ".join(ALLOCATIONS))
+        check(self.owl_threshold > 0, "owl_threshold", self.owl_threshold, "a number > 0 (the paper's 5)")
+        check(0 <= self.owl_lambda < 0.5, "owl_lambda", self.owl_lambda, "a number in [0, 0.5) (the paper's 0.08)")
+        if self.allocation == "owl":
+            check(not self.n_m, "allocation", self.allocation,
+                  f"uniform with prune_n:prune_m={self.pattern} (N:M fixes every layer's sparsity at 1 - N/M)")
+
+
+ALLOCATIONS = ("uniform", "owl")
 
 
 def check_n_m_fits(layers: dict[str, nn.Module], settings: OneShotConfig) -> None:
@@ -147,24 +165,55 @@ class CalibratedPruning(OneShotPruning):
     # Whether the statistics must include X^T X (SparseGPT's Hessian).
     needs_gram = False
 
+    def __init__(self, settings):
+        super().__init__(settings)
+        # {block prefix: sparsity} when the allocation is not uniform (OWL), else empty.
+        self.block_sparsity: dict[str, float] = {}
+
+    def check_model(self, model) -> None:
+        super().check_model(model)
+        if self.settings.allocation == "owl" and not has_decoder_blocks(model):
+            raise UserError(f"compression.allocation=owl needs decoder blocks (a causal LM such as Llama); "
+                            f"{type(model).__name__} has an encoder stack; allowed there: allocation=uniform")
+
     def prune(self, model: nn.Module, layers: dict[str, nn.Module], ctx=None) -> None:
         s = self.settings
         batches = ctx.datamodule.calibration_batches(s.calibration_examples, s.calibration_batch_size)
         self.prune_with_batches(model, layers, batches)
 
     def prune_with_batches(self, model: nn.Module, layers: dict[str, nn.Module], batches) -> None:
+        s, extra = self.settings, {}
+        if s.allocation == "owl":  # one pass through the dense model first, as the paper does
+            self.block_sparsity, outliers = owl_allocation(model, layers, batches, s.sparsity, s.owl_threshold,
+                                                           s.owl_lambda)
+            extra = {"allocation": "owl", "block_sparsity": self.block_sparsity, "block_outlier_percent": outliers}
         result = prune_block_sequentially(model, layers, batches, self.prune_layer, gram=self.needs_gram)
-        if result.sequences < self.settings.calibration_examples:
+        if result.sequences < s.calibration_examples:
             log.warning("calibration used %d sequences, fewer than calibration_examples=%d (all the data offered)",
-                        result.sequences, self.settings.calibration_examples)
-        self.record(model, layers, calibration_sequences=result.sequences, calibration_tokens=result.tokens)
+                        result.sequences, s.calibration_examples)
+        self.record(model, layers, calibration_sequences=result.sequences, calibration_tokens=result.tokens, **extra)
+
+    def sparsity_of(self, layer_name: str) -> float:
+        """The sparsity layer `layer_name` is pruned to: its block's under OWL, else `sparsity`."""
+        for prefix, sparsity in self.block_sparsity.items():
+            if layer_name.startswith(prefix):
+                return sparsity
+        return self.settings.sparsity
+
+    def record(self, model: nn.Module, layers: dict[str, nn.Module], per_layer_target: bool = True, **extra) -> None:
+        super().record(model, layers, per_layer_target, **extra)
+        for name, entry in self.report["per_layer"].items():
+            entry["requested"] = self.sparsity_of(name)
 
     def prune_layer(self, name: str, layer: nn.Module, stats: InputStatistics) -> None:
         raise NotImplementedError
 
 
-def keep_mask(scores: torch.Tensor, settings: OneShotConfig, per_row: bool) -> torch.Tensor:
-    """True where kept, by the configured pattern: N:M, per output row, or one threshold per layer."""
+def keep_mask(scores: torch.Tensor, settings: OneShotConfig, per_row: bool,
+              sparsity: Optional[float] = None) -> torch.Tensor:
+    """True where kept, by the configured pattern: N:M, per output row, or one threshold per layer;
+    `sparsity` (the layer's own, e.g. OWL's) replaces the configured one."""
     if settings.n_m:
         return n_m_keep_mask(scores, settings.prune_n, settings.prune_m)
-    return row_keep_mask(scores, settings.sparsity) if per_row else layer_keep_mask(scores, settings.sparsity)
+    sparsity = settings.sparsity if sparsity is None else sparsity
+    return row_keep_mask(scores, sparsity) if per_row else layer_keep_mask(scores, sparsity)

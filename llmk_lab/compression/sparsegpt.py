@@ -64,7 +64,7 @@ class SparseGPTPruning(CalibratedPruning):
     @torch.no_grad()
     def prune_layer(self, name: str, layer: nn.Module, stats: InputStatistics) -> None:
         s = self.settings
-        weight, keep = sparsegpt_prune(weight_matrix(layer), stats.hessian(), s.sparsity, s.prune_n, s.prune_m,
+        weight, keep = sparsegpt_prune(weight_matrix(layer), stats.hessian(), self.sparsity_of(name), s.prune_n, s.prune_m,
                                        s.blocksize, s.percdamp, name)
         layer.weight.copy_(to_weight_layout(layer, weight))
         set_mask(layer, to_weight_layout(layer, keep))

@@ -47,6 +47,20 @@ KEY = "compression.method=structured"
 SAVED_AS = {PRUNED_BERT: pruned_config}
 
 
+def drop_blocks(model: nn.Module, blocks: nn.ModuleList, drop: set[int]) -> None:
+    """Remove the blocks at indices `drop` for good: the list renumbers (saved keys stay contiguous), the
+    attention modules' cache positions follow, and the config describes the shorter stack, so
+    `from_pretrained` reloads it."""
+    for index in sorted(drop, reverse=True):
+        del blocks[index]
+    for index, block in enumerate(blocks):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index  # caches are indexed by position
+    model.config.num_hidden_layers = len(blocks)
+    if isinstance(getattr(model.config, "layer_types", None), list):
+        model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in drop]
+
 @dataclass
 class StructuredConfig:
     method: str = "structured"
@@ -332,15 +346,7 @@ class StructuredPruning(CompressionMethod):
                 setattr(model.config, arch.family.ffn_width_key, kept_neurons)
                 report["neurons_per_layer"] = [width, kept_neurons]
         if drop:
-            for index in sorted(drop, reverse=True):
-                del blocks[index]  # ModuleList renumbers, so saved keys stay contiguous
-            for index, block in enumerate(blocks):
-                for module in block.modules():
-                    if hasattr(module, "layer_idx"):
-                        module.layer_idx = index  # caches are indexed by position
-            model.config.num_hidden_layers = len(blocks)
-            if isinstance(getattr(model.config, "layer_types", None), list):
-                model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in drop]
+            drop_blocks(model, blocks, drop)
             report["layers_dropped"] = sorted(drop)
         report["params_before"] = params_before
         report["params_after"] = sum(p.numel() for p in model.parameters())

@@ -34,4 +34,4 @@ class WandaPruning(CalibratedPruning):
     @torch.no_grad()
     def prune_layer(self, name: str, layer: nn.Module, stats: InputStatistics) -> None:
         scores = wanda_scores(weight_matrix(layer), stats.column_norms.to(layer.weight.device))
-        set_mask(layer, to_weight_layout(layer, keep_mask(scores, self.settings, per_row=True)))
+        set_mask(layer, to_weight_layout(layer, keep_mask(scores, self.settings, per_row=True, sparsity=self.sparsity_of(name))))

@@ -32,6 +32,9 @@ class PeftStrategy:
     # Whether the trained model holds adapter modules wrapped around (or hung on) the base layers: compression
     # that replaces those layers after fit by another kind (packed low-bit weights) cannot keep them.
     wraps_model: bool = False
+    # Whether the model's logits are one per input position (what lm-evaluation-harness slices its
+    # continuations from); prompt tuning puts its virtual tokens' positions in front, so plan() refuses lm-eval.
+    logits_align_with_input: bool = True
     # How the folder `save_adapter` writes loads without llmk_lab onto the base the run started from:
     # PEFT_FOLDER (peft's `PeftModel.from_pretrained`), TRAINED_TENSORS (the trained parameters of the model's
     # own modules: `load_state_dict` into the base), or None (it does not; `adapter_refusal` says why).

@@ -88,6 +88,7 @@ class PrefixTuning(VirtualTokens):
 
 @PEFT.register("prompt", config=PromptConfig)
 class PromptTuning(VirtualTokens):
+    logits_align_with_input = False  # the virtual tokens' logits come first
 
     def apply(self, model, ctx):
         s = self.settings

@@ -29,6 +29,9 @@ class Task:
     head_modules: tuple[str, ...] = ("classifier", "score")
     # Whether `data.limit_*` count tokenised examples (windows cut from a text stream) rather than raw examples.
     limits_count_windows: bool = False
+    # Whether the model predicts the next token of any text (a causal LM head): lm-evaluation-harness scores
+    # continuations with it (`eval.lm_eval`).
+    scores_text_continuations: bool = False
     # How the headline number is computed, recorded in the manifest next to the data (`{seqlen}`: data.max_length).
     protocol: Optional[str] = None
 

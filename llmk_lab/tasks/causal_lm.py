@@ -138,6 +138,7 @@ class CausalLM(Task):
     primary_metric = "perplexity"
     head_modules = ("lm_head",)
     limits_count_windows = True
+    scores_text_continuations = True
     protocol = ("each split's documents joined with '\\n\\n', tokenised once, non-overlapping windows of {seqlen} "
                 "tokens, remainder dropped; perplexity = exp(total token NLL / predicted tokens) over all windows; "
                 "calibration: windows of {seqlen} tokens at random offsets (seed 0) of the training text")
