@@ -31,10 +31,16 @@ class ModelConfig:
     # Name of the module list holding the transformer blocks (e.g. `model.layers`), for
     # models whose block list llmk_lab cannot find from their structure (null: discover it).
     blocks: Optional[str] = None
+    # QLoRA: store the frozen block linears in 4-bit NormalFloat with double quantisation (bitsandbytes) after
+    # the one-shot compression and before LoRA wraps them; computing in float (llmk_lab/quantized_base.py).
+    # null: the base stays float.
+    quantize_base: Optional[str] = None
 
     def __post_init__(self) -> None:
         check(bool(self.name_or_path) or self.from_config is not None, "name_or_path", self.name_or_path,
               "a model path, hub id or asset:NAME (or set model.from_config)")
+        check(self.quantize_base in (None, "nf4"), "quantize_base", self.quantize_base,
+              "null (a float base) or nf4 (QLoRA's 4-bit NormalFloat base)")
 
 
 @dataclass

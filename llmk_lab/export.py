@@ -592,6 +592,9 @@ def adapter_refusal(ctx, strategy) -> Optional[str]:
     reason = strategy.adapter_refusal(ctx.model)
     if reason is not None:
         return f"peft.method={strategy.registered_name!r}: {reason}"
+    if settings.model.quantize_base is not None:
+        return (f"model.quantize_base={settings.model.quantize_base}: the adapter trained over the 4-bit base, and "
+                "from_pretrained gives the float one; model/ holds the float merge (dequantised base + update)")
     if settings.model.from_config is not None:
         return ("the base model was built from model.from_config (random weights that only this run had); an "
                 "adapter needs a base that from_pretrained loads (model.name_or_path)")

@@ -15,6 +15,7 @@ from torch import nn
 
 from llmk_lab.compression import FINE_TUNED
 from llmk_lab.compression.low_bit import PackedLinear
+from llmk_lab.quantized_base import dequantized, float_merge, has_4bit_base, is_4bit_weight
 
 
 def stored_values(tensor: torch.Tensor) -> torch.Tensor:
@@ -23,6 +24,8 @@ def stored_values(tensor: torch.Tensor) -> torch.Tensor:
     Quantisation is symmetric, so a pruned (zero) weight is a zero here too."""
     if getattr(tensor, "is_quantized", False):
         return tensor.int_repr()
+    if is_4bit_weight(tensor):  # a QLoRA base: the NF4 values (NF4 has an exact zero)
+        return dequantized(tensor)
     if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "qdata"):
         return tensor.qdata
     return tensor.detach()
@@ -50,8 +53,9 @@ def parameter_counts(model: nn.Module) -> dict[str, int | float]:
         if id(param) in seen:  # tied weights count once
             continue
         seen.add(id(param))
-        total += param.numel()
-        nonzero += int(torch.count_nonzero(stored_values(param)))
+        values = stored_values(param)
+        total += values.numel()  # a 4-bit weight's packed codes are fewer than its weights
+        nonzero += int(torch.count_nonzero(values))
         if param.requires_grad:
             trainable += param.numel()
     for _, tensor in packed_weights(model):
@@ -81,7 +85,8 @@ def deployable(model: nn.Module, strategy=None) -> nn.Module:
     copy_ = copy.deepcopy(model)
     if strategy is not None and strategy.mergeable:
         untie_shared_weights(copy_, adapted_only=True)
-        copy_ = strategy.merged(copy_)
+        # QLoRA: a float model, the NF4 base dequantised plus the update (peft would re-quantise the merge).
+        copy_ = float_merge(copy_) if has_4bit_base(copy_) else strategy.merged(copy_)
     return copy_.cpu().eval()
 
 

@@ -35,6 +35,7 @@ from llmk_lab.measure import (compression_figures, deployed, keep_fitted_referen
 from llmk_lab.models import load_model, load_tokenizer
 from llmk_lab.module import TaskModule, ThroughputMonitor
 from llmk_lab.peft import PEFT, PeftStrategy
+from llmk_lab.quantized_base import check_device as check_quantized_base_device, quantize_base, quantize_base_refusal
 from llmk_lab.registry import to_settings
 from llmk_lab.sweep import config_fingerprint
 from llmk_lab.tasks import get_task, optimized_metric
@@ -101,6 +102,15 @@ def refuse_combinations(settings: RunConfig, methods: list[CompressionMethod], s
         if reason:
             raise UserError(f"compression.method={name!r} cannot be combined with peft.method={peft_name!r}: "
                             f"{reason}")
+    reason = quantize_base_refusal(settings.model.quantize_base, strategy, methods)
+    if reason:
+        raise UserError(reason)
+    if settings.model.quantize_base is not None:
+        check_quantized_base_device(settings.hardware.accelerator)
+        if settings.hardware.strategy == "fsdp":
+            raise UserError(f"model.quantize_base={settings.model.quantize_base} is not possible with "
+                            "hardware.strategy=fsdp: FSDP shards float parameters, not bitsandbytes' packed 4-bit "
+                            "ones; use ddp or one device")
     reason = hardware.fsdp_refusal(settings, methods, strategy)  # what FSDP's sharded parameters rule out
     if reason:
         raise UserError(reason)
@@ -136,6 +146,11 @@ def evaluate(trainer: pl.Trainer, module: TaskModule, datamodule) -> dict[str, f
                           trainer.test(module, datamodule=datamodule, verbose=False)):
         for entry in stage_results:
             results.update({k: float(v) for k, v in entry.items()})
+    # validate/test reset the metrics under inference mode, which makes their states inference tensors;
+    # training's own validation (under no_grad) could not add to them. Reset them again out here.
+    with torch.inference_mode(False):
+        for metrics in module.metrics.values():
+            metrics.reset()
     return results
 
 
@@ -332,6 +347,11 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         # No figure compares with it (the methods before fit, e.g. a distillation teacher, have had it).
         ctx.dense_model = None
         ctx.reports.pop("measure/reference", None)
+
+    # QLoRA: the (compressed) base's block linears stored in 4-bit NF4 before LoRA wraps them.
+    if settings.model.quantize_base is not None:
+        ctx.reports["quantized_base"] = {**quantize_base(ctx.model, settings.model.quantize_base),
+                                         "merged_export": "float: the 4-bit base dequantised plus the update"}
 
     # 5. adaptation; pruning masks are kept through it (a low-rank update over pruned weights masks itself)
     ctx.model = p.strategy.apply(ctx.model, ctx)

@@ -82,7 +82,9 @@ def test_chain_steps_are_validated_with_their_index():
 
 
 # An experiment that starts from another run's output points at the embedded model instead.
-STANDALONE = {"mlm_then_classify": ["model.name_or_path=asset:minilm-l6"]}
+STANDALONE = {"mlm_then_classify": ["model.name_or_path=asset:minilm-l6"],
+              # the smoke test of the loop, not of its cost: few calibration windows and lm-eval documents
+              "smollm2_recovery": ["compression.calibration_examples=4", "eval.lm_eval.limit=4"]}
 
 
 @pytest.mark.slow

@@ -70,10 +70,10 @@ def test_owl_refuses_n_m_and_encoder_models(tmp_path):
 
 # --- ShortGPT layer dropping -------------------------------------------------------------------------------------
 
-def tiny_decoder(layers: int = 4) -> LlamaForCausalLM:
+def tiny_decoder(layers: int = 4, width: int = 32) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
-                         num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64)
+    config = LlamaConfig(vocab_size=64, hidden_size=width, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, intermediate_size=2 * width, max_position_embeddings=64)
     return LlamaForCausalLM(config).eval()
 
 
@@ -121,7 +121,9 @@ def test_recovery_run_records_the_pruned_models_perplexity_before_lora_and_keeps
                                         "export.model=false"], tmp_path / "pruned")
     recovered = run_config(TINY_LM + ["compression=wanda", "compression.calibration_examples=8", "peft=lora",
                                       "peft.r=4", "train.max_epochs=4", "train.max_steps=32", "train.lr=3e-2", "measure.before_fit=true",
-                                      "export.merged=true"], tmp_path / "recovered")
+                                      # validation during training too: the metrics must be usable after the
+                                      # before-fit evaluation has reset them
+                                      "train.val_every_n_epochs=1", "export.merged=true"], tmp_path / "recovered")
     # Before training, LoRA's update is zero: the figure is the pruned model's, as a run without training gives.
     assert recovered["before_fit/test/perplexity"] == pytest.approx(pruned_only["test/perplexity"], rel=1e-5)
     assert recovered["test/perplexity"] < 0.95 * recovered["before_fit/test/perplexity"]  # recovery works
@@ -185,3 +187,70 @@ def test_lm_eval_is_refused_for_encoders_and_prompt_tuning(tmp_path):
         run_config(["model=tiny_bert", "logger=csv", "eval.lm_eval.tasks=[llmk_movie_sentiment]"], tmp_path / "a")
     with pytest.raises(UserError, match="eval.lm_eval.tasks is not possible with peft.method='prompt'"):
         run_config(TINY_LM + ["peft=prompt", "eval.lm_eval.tasks=[llmk_movie_sentiment]"], tmp_path / "b")
+
+
+# --- QLoRA: LoRA over a 4-bit NormalFloat base ---------------------------------------------------------------------
+
+# NF4 blocks are 64 weights of a row: the tiny Llama at width 64.
+WIDE = ["model.from_config.hidden_size=64", "model.from_config.intermediate_size=128"]
+
+def test_nf4_base_holds_16_levels_per_block_keeps_zeros_and_computes_with_its_dequantised_weights():
+    from llmk_lab.quantized_base import dequantized_weight, quantize_base
+
+    model = tiny_decoder(layers=1, width=64)
+    q = model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.weight[:, :8] = 0  # pruned columns
+    dense = q.weight.detach().clone()
+    report = quantize_base(model, "nf4")
+    layer = model.model.layers[0].self_attn.q_proj
+    assert report["quantized_layers"] == 7 and not layer.weight.requires_grad
+    values = dequantized_weight(layer)
+    blocks = values.flatten().reshape(-1, 64)
+    assert max(len(torch.unique(block)) for block in blocks) <= 16  # 4 bits: 16 levels, each block its own scale
+    assert bool((values[:, :8] == 0).all())  # NF4 has an exact zero: pruned weights stay pruned
+    # NF4's widest gap between levels is -1 .. -0.6962 of a block's absmax: no weight moves by more than half of
+    # it (plus the 8-bit rounding of the double-quantised scale).
+    error, absmax = (values - dense).reshape(-1, 64).abs(), dense.reshape(-1, 64).abs()
+    assert bool((error.max(1).values <= 0.16 * absmax.max(1).values).all())
+    x = torch.randn(5, 64)
+    assert torch.allclose(layer(x), torch.nn.functional.linear(x, values), atol=1e-5)
+    # 4 bits a weight, an 8-bit scale per 64 weights, an fp32 scale per 256 of those (and the level tables).
+    linear_weights = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128
+    others = sum(p.numel() * 4 for n, p in model.named_parameters() if "layers.0.self_attn" not in n
+                 and "layers.0.mlp" not in n)
+    packed = report["base_bytes"] - others
+    assert linear_weights * (4 + 8 / 64) / 8 <= packed <= linear_weights * (4 + 8 / 64) / 8 + 7 * (16 * 4 + 256 * 4 + 8)
+    narrow = tiny_decoder(layers=1, width=32)
+    with pytest.raises(UserError, match=r"model.quantize_base=nf4 needs block linears at least 64 inputs wide .*"
+                                        r"model.layers.0.self_attn.q_proj has 32"):
+        quantize_base(narrow, "nf4")
+
+
+def test_qlora_run_trains_lora_over_the_4bit_base_and_exports_the_float_merge_it_computed(tmp_path):
+    metrics = run_config(TINY_LM + WIDE + ["compression=wanda", "compression.calibration_examples=8", "peft=lora",
+                                           "peft.r=4", "model.quantize_base=nf4", "train.max_epochs=2",
+                                    "train.max_steps=16", "train.lr=3e-2", "measure.before_fit=true",
+                                    "export.merged=true", "export.adapter=true"], tmp_path / "run")
+    base = metrics["quantized_base"]
+    assert base["quantize_base"] == "nf4" and base["quantized_layers"] == 14 and base["double_quantization"]
+    assert base["base_bytes"] < base["base_bytes_float"]
+    assert metrics["test/perplexity"] < metrics["before_fit/test/perplexity"]  # LoRA trains over the NF4 base
+    # The masked update keeps the pruned zeros through the merge into the dequantised base.
+    assert metrics["sparsity/after_merge"] == metrics["sparsity/pruned_layers"] == pytest.approx(0.5)
+    assert metrics["export/model_agreement"] == 1.0 and metrics["export/merged_max_logit_diff"] < 1e-4
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged")
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert metrics["export/adapter"].startswith("skipped: ")  # no plain-peft adapter reproduces it
+
+
+def test_qlora_refusals_are_one_line_before_anything_runs(tmp_path):
+    for extra, message in (
+            (["peft=ia3"], "model.quantize_base=nf4 is not possible with peft.method='ia3'"),
+            (["peft=lora", "compression=dynamic_int8"],
+             "model.quantize_base=nf4 is not possible with compression.method='dynamic_int8'"),
+            (["peft=lora", "hardware.accelerator=mps"], "not possible with hardware.accelerator='mps'"),
+            (["peft=lora", "model.quantize_base=int3"], r"model.quantize_base='int3' is not allowed")):
+        with pytest.raises(UserError, match=message):
+            run_config(TINY_LM + WIDE + ["model.quantize_base=nf4", *extra], tmp_path / "refused")
+    assert not (tmp_path / "refused" / "metrics.json").exists()

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmk_lab.errors import UserError
+from llmk_lab.quantized_base import dequantized_weight, is_4bit
 
 MASK = "llmk_mask"
 
@@ -73,7 +74,8 @@ class MaskKeeper(pl.Callback):
 
 def _weight_out_in(layer: nn.Module) -> torch.Tensor:
     """The base weight as (out, in), the layout F.linear takes (transformers' Conv1D stores it as (in, out))."""
-    weight = layer.base_layer.weight
+    base = layer.base_layer
+    weight = dequantized_weight(base) if is_4bit(base) else base.weight  # QLoRA: the NF4 base, dequantised
     return weight.t() if layer.fan_in_fan_out else weight
 
 

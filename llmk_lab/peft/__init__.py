@@ -35,6 +35,8 @@ class PeftStrategy:
     # Whether the model's logits are one per input position (what lm-evaluation-harness slices its
     # continuations from); prompt tuning puts its virtual tokens' positions in front, so plan() refuses lm-eval.
     logits_align_with_input: bool = True
+    # Whether the strategy trains over a frozen 4-bit base (`model.quantize_base`, QLoRA): LoRA's update does.
+    trains_over_4bit_base: bool = False
     # How the folder `save_adapter` writes loads without llmk_lab onto the base the run started from:
     # PEFT_FOLDER (peft's `PeftModel.from_pretrained`), TRAINED_TENSORS (the trained parameters of the model's
     # own modules: `load_state_dict` into the base), or None (it does not; `adapter_refusal` says why).

@@ -15,6 +15,7 @@ from llmk_lab.compression.masks import MASK, masked_update_forward, route_masked
 from llmk_lab.errors import UserError, check
 from llmk_lab.architectures import architecture
 from llmk_lab.peft import PEFT, PEFT_FOLDER, PeftStrategy, resolve_targets
+from llmk_lab.quantized_base import has_4bit_base
 
 
 @dataclass
@@ -53,7 +54,12 @@ def mask_lora_updates(model) -> int:
     the masked update merged)."""
     from peft.tuners.lora import Linear as LoraLinear
 
-    return route_masked_updates(model, LoraLinear, _masked_lora_forward)
+    layer_types: tuple[type, ...] = (LoraLinear,)
+    if has_4bit_base(model):  # QLoRA: peft's LoRA layer over a bitsandbytes 4-bit base
+        from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+
+        layer_types += (LoraLinear4bit,)
+    return route_masked_updates(model, layer_types, _masked_lora_forward)
 
 
 def wrap(model, config, key: str = "peft.target_modules"):
@@ -95,6 +101,7 @@ class PeftLibraryStrategy(PeftStrategy):
 @PEFT.register("lora", config=LoraConfig)
 class LoRA(PeftLibraryStrategy):
     masks_its_update = True
+    trains_over_4bit_base = True
     def apply(self, model, ctx):
         s = self.settings
         config = PeftLoraConfig(
