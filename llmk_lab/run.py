@@ -338,8 +338,10 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
                      datamodule=datamodule)
     ctx.reports["optimized_metric"] = optimized_metric(settings.optimized_metric, task)  # what sweeps rank by
 
-    # 4. one-shot compression; the uncompressed model is kept as the reference only when something compresses
-    if any(m.dense_reference for m in p.methods):
+    # 4. one-shot compression; the uncompressed model (1x the weights) is kept only when something compresses
+    # and a figure compares with it or a step starts from it
+    wants_uncompressed = needs_reference(settings.measure) or any(m.reads_uncompressed_model for m in p.methods)
+    if wants_uncompressed and any(m.dense_reference for m in p.methods):
         ctx.dense_model, ctx.reports["measure/reference"] = copy.deepcopy(model), AS_LOADED
     for method in p.methods:
         method.before_fit(ctx)

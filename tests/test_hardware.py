@@ -49,9 +49,9 @@ def test_chunked_causal_lm_eval_matches_full_logits_and_never_holds_the_batch_lo
     reference["perplexity"].update(full.logits[:, -batch["labels"].shape[1]:], batch["labels"])
     expected = float(reference["perplexity"].compute())
 
-    monkeypatch.setattr(causal_lm, "EVAL_CHUNK_TOKENS", 7)
-    widest: list[int] = []
     head = model.get_output_embeddings()
+    monkeypatch.setattr(causal_lm, "EVAL_LOGITS_BYTES", 7 * 4 * head.weight.shape[0])  # 7 positions a call
+    widest: list[int] = []
     # Real logits only (the placeholder the capture returns is 1 wide).
     handle = head.register_forward_hook(
         lambda module, args, out: widest.append(out.shape[:-1].numel()) if out.shape[-1] > 1 else None)

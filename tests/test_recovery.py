@@ -134,6 +134,27 @@ def test_recovery_run_records_the_pruned_models_perplexity_before_lora_and_keeps
     assert float((q == 0).float().mean()) == pytest.approx(0.5)
 
 
+def test_pruning_keeps_an_uncompressed_copy_only_when_a_figure_compares_with_it(tmp_path, monkeypatch):
+    """The copy costs 1x the weights: a pruning run that measures only perplexity does without it."""
+    import copy
+
+    import llmk_lab.run as run_module
+
+    copied: list[str] = []
+
+    def recording_deepcopy(value, *args, **kwargs):
+        copied.append(type(value).__name__)
+        return copy.deepcopy(value, *args, **kwargs)
+
+    monkeypatch.setattr(run_module, "copy", type("CopyModule", (), {"deepcopy": staticmethod(recording_deepcopy)}))
+    base = TINY_LM + ["compression=wanda", "compression.calibration_examples=4", "export.model=false",
+                      "measure.size=false", "measure.latency_batch_sizes=[]"]
+    run_config(base + ["measure.fidelity=false"], tmp_path / "perplexity_only")
+    assert "LlamaForCausalLM" not in copied
+    metrics = run_config(base + ["measure.fidelity=true"], tmp_path / "with_fidelity")
+    assert copied.count("LlamaForCausalLM") == 1 and "fidelity/agreement" in metrics
+
+
 # --- lm-evaluation-harness -------------------------------------------------------------------------------------
 
 def continuation_log_likelihood(model, tokenizer, context: str, continuation: str) -> float:

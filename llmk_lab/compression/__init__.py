@@ -47,6 +47,10 @@ class CompressionMethod:
     adapter_export_refusal: Optional[str] = None
     # Whether the method puts the weights into a quantised form (int8, low-bit): a run quantises once.
     quantizes_weights: bool = False
+    # Whether `before_fit` starts from the model as loaded (`ctx.dense_model`) rather than from the model the
+    # earlier steps compressed (a distillation teacher fine-tuned from the dense model, after a pruning step).
+    # Otherwise the uncompressed copy is kept only when a figure compares with it: it costs 1x the weights.
+    reads_uncompressed_model: bool = False
 
     def __init__(self, settings: Any):
         self.settings = settings

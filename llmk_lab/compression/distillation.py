@@ -120,6 +120,8 @@ class TeacherPlacement(pl.Callback):
 
 @COMPRESSION.register("distillation", config=DistillationConfig)
 class Distillation(CompressionMethod):
+    reads_uncompressed_model = True  # the dense teacher is fine-tuned from the model as loaded
+
     def __init__(self, settings):
         super().__init__(settings)
         self.teacher = None

@@ -61,9 +61,11 @@ class TokenNLL(Metric):
         return torch.exp(self.nll_sum / self.tokens.clamp(min=1))
 
 
-# Positions scored per lm_head call in evaluation: the logits held at once are this x vocab
-# (SmolLM2: 1024 x 49,152 x 4 bytes = 200 MB) whatever the eval batch size and window length.
-EVAL_CHUNK_TOKENS = 1024
+# Bytes of float32 logits one lm_head call in evaluation may produce: the positions scored per call are
+# this / (4 x vocab), so the logits (and cross-entropy's log-softmax of them) held at once stay the same
+# whatever the vocabulary, eval batch size and window length (SmolLM2's 49,152 tokens: 682 positions a call;
+# a 262,144-token vocabulary: 128).
+EVAL_LOGITS_BYTES = 128 * 2**20
 
 
 @dataclass
@@ -103,7 +105,8 @@ def chunked_token_nll(head: torch.nn.Module, hidden: torch.Tensor, labels: torch
                       chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token NLL and scored-token count from the final hidden states, `chunk` positions
     per call of the output layer (labels -100 are not scored; position t predicts token t+1)."""
-    chunk = chunk or EVAL_CHUNK_TOKENS
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]  # adapter wrappers keep out_features
+    chunk = chunk or max(1, EVAL_LOGITS_BYTES // (4 * vocab))
     hidden = hidden[:, -labels.shape[1]:]  # prompt tuning puts virtual tokens in front of the input
     targets = labels[:, 1:].reshape(-1)
     scored = targets != -100
@@ -177,7 +180,7 @@ class CausalLM(Task):
         return MetricCollection({"perplexity": TokenNLL()})
 
     def eval_outputs(self, model, batch):
-        """Evaluation loss without the whole batch's logits (see `EVAL_CHUNK_TOKENS`)."""
+        """Evaluation loss without the whole batch's logits (see `EVAL_LOGITS_BYTES`)."""
         head = model.get_output_embeddings()
         # Logit soft-capping (Gemma 2) happens after the output layer: score such models the plain way.
         if head is None or getattr(getattr(model, "config", None), "final_logit_softcapping", None):
