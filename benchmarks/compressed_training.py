@@ -91,7 +91,7 @@ def masked_gradient_floor(model, batches: list[dict], repeats: int) -> dict[str,
     matmul per pruned layer and step (the forward with W_eff and the input gradient through it cost what
     plain LoRA's forward and input gradient cost). Timed alone with the pruned layers' shapes and the
     benchmark's batches (every padded position goes through the layers); median of `repeats`."""
-    from llmk_lab.compression.masks import masked_linears
+    from llmk_lab.masks import masked_linears
 
     shapes = [tuple(m.weight.shape) for m in masked_linears(model).values()]
     tokens = [int(b["input_ids"].numel()) for b in batches]
@@ -112,11 +112,11 @@ def stages(overrides: list[str], repeats: int) -> dict:
     """Full runs in this process; the share of their time spent after training, from their own timings."""
     from hydra import compose, initialize_config_dir
 
-    import llmk_lab
+    import llmk_lab.registry
     from llmk_lab.cli import config_dir
     from llmk_lab.run import run
 
-    llmk_lab.register_all()
+    llmk_lab.registry.register_all()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["logger=none", *overrides])
     runs = []

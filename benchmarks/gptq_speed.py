@@ -50,7 +50,7 @@ def main() -> None:
     from llmk_lab.matrix import compose, hydra_session
     from llmk_lab.measure import interleaved_latency
     from llmk_lab.models import load_model, load_tokenizer
-    from llmk_lab.run import plan
+    from llmk_lab.plan import plan
     from llmk_lab.tasks import get_task
 
     torch.set_num_threads(args.threads)

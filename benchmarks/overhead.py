@@ -27,14 +27,15 @@ import torch
 from torch.utils.data import DataLoader
 from hydra import compose, initialize_config_dir
 
-import llmk_lab
+import llmk_lab.registry
 from llmk_lab.cli import config_dir
 from llmk_lab.context import RunContext
 from llmk_lab.data import load_data
 from llmk_lab.data.module import TaskDataModule
 from llmk_lab.models import load_model, load_tokenizer
 from llmk_lab.module import TaskModule
-from llmk_lab.run import build_trainer, plan
+from llmk_lab.plan import plan
+from llmk_lab.run import build_trainer
 from llmk_lab.tasks import get_task
 
 warnings.filterwarnings("ignore")
@@ -88,7 +89,7 @@ class _FixedSteps:
 
 
 def compose_settings(overrides: list[str]):
-    llmk_lab.register_all()
+    llmk_lab.registry.register_all()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return plan(compose(config_name="config", overrides=["logger=none", "export.checkpoint=false",
                                                              *overrides]))
@@ -117,7 +118,7 @@ def run_callbacks(p, ctx) -> list:
     """The callbacks a run trains with (throughput, progress bar, mask keeping, the method's and the
     strategy's), so the framework is measured as users run it."""
     from llmk_lab import console
-    from llmk_lab.compression.masks import MaskKeeper, masked_linears
+    from llmk_lab.masks import MaskKeeper, masked_linears
     from llmk_lab.module import ThroughputMonitor
 
     callbacks = [ThroughputMonitor(), console.progress_bar(), *p.strategy.callbacks(ctx)]

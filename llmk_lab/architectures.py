@@ -419,6 +419,20 @@ def head_modules(model: nn.Module, task_heads: tuple[str, ...]) -> tuple[str, ..
     return tuple(task_heads) + (family.head if family else ())
 
 
+def head_parameter_names(model: nn.Module, task) -> list[str]:
+    """Parameters of the task head (always trained): the task's head modules and the family's extra ones.
+
+    A head tied to the input embeddings (causal LMs) shares their tensor, which carries the
+    embeddings' name: training that head trains the embeddings, as tying means."""
+    heads = head_modules(model, task.head_modules)
+    canonical = {id(p): n for n, p in model.named_parameters()}
+    names = sorted({canonical[id(p)] for name, module in model.named_children() if name in heads
+                    for p in module.parameters()})
+    if not names:
+        raise UserError(f"model {type(model).__name__} has no task head named one of {heads}")
+    return names
+
+
 # ------------------------------------------------------------------ target matching
 
 

@@ -14,28 +14,17 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from llmk_lab import register_all
-from llmk_lab.config_errors import HELP_FLAGS as _HELP_FLAGS, help_text, install as _report_config_errors_in_one_line
-from llmk_lab.config_errors import producer_hint
+from llmk_lab.config_errors import HELP_FLAGS as _HELP_FLAGS
+from llmk_lab.config_errors import help_text, producer_hint
+from llmk_lab.config_errors import install as _report_config_errors_in_one_line
 from llmk_lab.errors import UserError
-from llmk_lab.manifest import write_json
-from llmk_lab.registry import check_values_lightly
 from llmk_lab.hardware import job_dir, run_dir_for_rank, shared_fingerprint
+from llmk_lab.manifest import write_json
+from llmk_lab.paths import config_dir
+from llmk_lab.registry import check_values_lightly, register_all
 from llmk_lab.sweep import completed_metrics, config_fingerprint, job_name, mark_completed, sweep_group
 
 log = logging.getLogger("llmk_lab")
-
-
-def config_dir() -> str:
-    """The config tree: the copy shipped inside the installed package (`pip install .` puts `conf/` there
-    as `llmk_lab/conf`), else `conf/` of the checkout the package is imported from (editable install).
-    The shipped copy comes first, so a `conf/` folder that happens to sit next to an installed package
-    (site-packages) is never taken for ours."""
-    package = Path(__file__).resolve().parent
-    for candidate in (package / "conf", package.parent / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return str(candidate)
-    return str(package.parent / "conf")
 
 
 def _holds_no_result(run_dir: Path) -> bool:

@@ -23,9 +23,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from llmk_lab.console import quiet_libraries
 from llmk_lab.errors import UserError
 from llmk_lab.export import (INPUT_KEYS, LM_TASKS, finished_model_dir, load_exported, load_reference, model_outputs,
                              read_info)
+from llmk_lab.measure import parameter_counts
 
 
 def _load(folder: Path, info: dict):
@@ -46,8 +48,6 @@ def _inputs_for(tokenizer_a, tokenizer_b, inputs: dict, info_b: dict) -> dict:
 
 
 def _nonzero(model) -> tuple[int, int]:
-    from llmk_lab.measure import parameter_counts  # int8 weights count too, torch.ao's packed ones included
-
     counts = parameter_counts(model)
     return counts["nonzero"], counts["total"]
 
@@ -162,8 +162,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=10, help="timed passes per model")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the latency measurement")
     args = parser.parse_args(argv)
-    from llmk_lab.console import quiet_libraries
-
     quiet_libraries()  # no per-load progress bars or load reports
     try:
         if args.repeats < 1 or args.batch_size < 1:

@@ -20,6 +20,8 @@ import typing
 from pathlib import Path
 from typing import Any, Optional
 
+from llmk_lab.paths import config_dir
+
 HELP_FLAGS = {"--help", "-h"}
 # Groups picked with `+group=option` because conf/config.yaml has no default for them.
 ADDED_GROUPS = ("experiment", "hparams_search", "launcher")
@@ -27,8 +29,6 @@ EXIT_CODE = 2
 
 
 def _config_dir() -> Path:
-    from llmk_lab.cli import config_dir
-
     return Path(config_dir())
 
 

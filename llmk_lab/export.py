@@ -40,30 +40,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 from llmk_lab.errors import UserError
-from llmk_lab.reference import check_subset, outputs_by_length, run_outputs
+from llmk_lab.reference import (CHECK_EXAMPLES, CHECKED_TASKS, INPUT_KEYS, LM_TASKS, MASKED_LM_TASKS,  # noqa: F401
+                                REFERENCE_EXAMPLES, REFERENCE_FILE, REFERENCE_WINDOWS, agreement, check_subset,
+                                load_reference, model_outputs, outputs_by_length, reference_inputs, run_outputs,
+                                save_reference)
+from llmk_lab.console import quiet_libraries
 
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
 ONNX_DIR = "onnx"
 INFO_FILE = "llmk_lab.json"
-REFERENCE_FILE = Path("reference") / "test.safetensors"
-# Test examples whose outputs the run keeps (classification and NER: the default test split is 1,000);
-# causal LM: windows, each scored by its mean token NLL.
-REFERENCE_EXAMPLES = 1000
-REFERENCE_WINDOWS = 16
-# Reference examples the run checks the reloaded model/ on: whole test batches spread over the lengths
-# (`reference.check_subset`), one evaluation batch by default. The stored reference keeps them all, and
-# `python -m llmk_lab.export RUN_DIR` checks every one; in the run, a pass over all of them would cost as
-# much as the test stage itself.
-CHECK_EXAMPLES = 128
-# Tasks whose outputs the reference stores and predictions are checked on.
-CHECKED_TASKS = ("sequence_classification", "token_classification", "causal_lm", "masked_lm", "masked_lm_nsp")
-# Language-model tasks: the reference holds a few windows, each scored by its mean token NLL.
-LM_TASKS = ("causal_lm", "masked_lm", "masked_lm_nsp")
-MASKED_LM_TASKS = ("masked_lm", "masked_lm_nsp")
 ONNX_TASKS = ("sequence_classification",)
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 # What `model/` holds (llmk_lab.json's `format`): how it loads.
 PLAIN = "transformers"                      # from_pretrained
 TORCHAO_INT8 = "transformers_torchao_int8"  # from_pretrained, with torchao installed
@@ -78,102 +66,6 @@ ADAPTER_DIR = "adapter"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # peft's file name; the trained-tensors form uses it too
 
 
-# ----------------------------------------------------------------------------- what the run predicted
-
-def reference_inputs(task, tokenizer, examples: list[dict], limit: Optional[int] = None) -> dict:
-    """The first `limit` test examples as one padded batch of tensors (with their labels)."""
-    import torch
-
-    if limit is None:
-        limit = REFERENCE_WINDOWS if task.registered_name in LM_TASKS else REFERENCE_EXAMPLES
-    examples = examples[:limit]
-    if task.registered_name == "causal_lm":
-        ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    features = [{k: e[k] for k in INPUT_KEYS if k in e} for e in examples]
-    batch = dict(tokenizer.pad(features, padding="longest", return_tensors="pt"))
-    width = batch["input_ids"].shape[1]
-    labels = []
-    for e in examples:
-        label = e.get("labels")
-        if isinstance(label, (list, tuple)) or getattr(label, "ndim", 0):  # per token: pad with -100
-            label = list(label) + [-100] * (width - len(label))
-        labels.append(label)
-    batch["labels"] = torch.tensor(labels)
-    return {k: v for k, v in batch.items() if k in (*INPUT_KEYS, "labels")}
-
-
-def model_outputs(model, task_name: str, inputs: dict, batch_size: int = 64):
-    """Logits (classification, NER) or mean token NLL per window (causal LM; masked LM: over its masked
-    tokens), on CPU, in batches."""
-    import torch
-
-    model = model.eval()
-    device = next(model.parameters()).device
-    feed = {k: v for k, v in inputs.items() if k in INPUT_KEYS}
-    if task_name in LM_TASKS:
-        batch_size = 1  # windows are long and the vocabulary large: one window's logits at a time
-    outputs = []
-    with torch.inference_mode():
-        for start in range(0, len(feed["input_ids"]), batch_size):
-            batch = {k: v[start:start + batch_size].to(device) for k, v in feed.items()}
-            out = model(**batch)
-            # BERT's pretraining heads (masked LM + NSP) call the token scores prediction_logits.
-            logits = (out.logits if "logits" in out else out["prediction_logits"]).float()
-            if task_name in MASKED_LM_TASKS:
-                labels = inputs["labels"][start:start + batch_size].to(device)
-                logits = logits[:, -labels.shape[1]:]
-                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
-                                                        reduction="none").sum(-1)
-                outputs.append((nll / (labels != -100).sum(-1).clamp_min(1)).double().cpu())
-            elif task_name == "causal_lm":
-                ids = batch["input_ids"]
-                logits = logits[:, -ids.shape[1]:]  # prompt tuning puts virtual tokens in front
-                nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
-                                                        reduction="none").mean(-1)
-                outputs.append(nll.double().cpu())
-            else:
-                outputs.append(logits.cpu())
-    return torch.cat(outputs)
-
-
-def agreement(task_name: str, ours, theirs, labels=None) -> dict[str, float]:
-    """How far two models' outputs on the same inputs are apart: identical predictions, largest difference."""
-    import torch
-
-    if task_name in LM_TASKS:
-        return {"agreement": float(torch.isclose(ours, theirs, rtol=1e-4, atol=1e-5).double().mean()),
-                "max_abs_diff": float((ours - theirs).abs().max())}
-    same, gap = ours.argmax(-1) == theirs.argmax(-1), (ours - theirs).abs()
-    if task_name == "token_classification" and labels is not None:
-        read = labels != -100  # the words' first sub-tokens: where a tag is read (padding is not)
-        same, gap = same[read], gap[read]
-    return {"agreement": float(same.double().mean()), "max_abs_diff": float(gap.max())}
-
-
-def save_reference(run_dir: Path, inputs: dict, outputs, task_name: str) -> Path:
-    from safetensors.torch import save_file
-
-    path = run_dir / REFERENCE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.contiguous() for k, v in inputs.items()}
-    tensors["outputs"] = outputs.contiguous()
-    save_file(tensors, str(path), metadata={"task": task_name})
-    return path
-
-
-def load_reference(run_dir: Path) -> tuple[dict, Any]:
-    from safetensors.torch import load_file
-
-    path = Path(run_dir) / REFERENCE_FILE
-    if not path.exists():
-        raise UserError(f"{run_dir}: no {REFERENCE_FILE} (the run's own test outputs); it was written by a run "
-                        "before exports existed, or the run did not finish: run it again")
-    tensors = load_file(str(path))
-    outputs = tensors.pop("outputs")
-    return tensors, outputs
-
-
 # ----------------------------------------------------------------------------- sparsity
 
 def linear_sparsity(model) -> dict[str, Any]:
@@ -181,7 +73,7 @@ def linear_sparsity(model) -> dict[str, Any]:
     reload. int8 layers count their stored int8 values (symmetric quantisation keeps a zero a zero)."""
     import torch
 
-    from llmk_lab.measure import stored_values
+    from llmk_lab.masks import stored_values
 
     from llmk_lab.compression.low_bit import PackedLinear
 
@@ -572,7 +464,7 @@ def export_adapter(ctx, strategy) -> dict[str, str]:
         # A refusal by design is part of the method; one found by the check is a surprise worth a warning.
         (log.info if decided_up_front else log.warning)("no adapter/ export: %s", reason)
         return {}
-    from llmk_lab.compression.masks import PRUNED_BASE
+    from llmk_lab.masks import PRUNED_BASE
 
     ctx.reports["export/adapter"] = str(dest)
     written = {"adapter": str(dest)}
@@ -632,7 +524,7 @@ def _base_origin(ctx) -> dict[str, Any]:
 def _write_adapter(ctx, strategy, dest: Path) -> Optional[str]:
     """Save the adapter with what loading it needs, reload it as the README shows and compare with the run's
     test outputs; why it does not reproduce the run, or None."""
-    from llmk_lab.compression.masks import PRUNED_BASE, save_pruned_base
+    from llmk_lab.masks import PRUNED_BASE, save_pruned_base
 
     task, model, model_cfg = ctx.task, ctx.model, ctx.settings.model
     if not strategy.save_adapter(model, dest):
@@ -661,7 +553,7 @@ def _write_adapter(ctx, strategy, dest: Path) -> Optional[str]:
     # The examples model/ is checked on (CHECK_EXAMPLES), with the test stage's outputs where it kept them.
     batch_size = ctx.settings.train.eval_batch_size
     inputs = reference_inputs(task, ctx.tokenizer, ctx.datamodule.splits["test"])
-    record = getattr(ctx.module, "test_outputs", None)
+    record = ctx.module.test_outputs
     ours = record.outputs(inputs, model)[0] if record is not None else None
     picked = check_subset(inputs, batch_size, CHECK_EXAMPLES)
     if picked is not None:
@@ -839,8 +731,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--onnx", action="store_true", help="write onnx/model.onnx (classification runs)")
     args = parser.parse_args(argv)
-    from llmk_lab.console import quiet_libraries
-
     quiet_libraries()  # no per-load progress bars or load reports
     try:
         figures = check_model_dir(args.run_dir)

@@ -17,7 +17,7 @@
   from SLURM's environment.
 - FSDP: the one wrapper made for fit also serves validate and test; after evaluation every rank sends its
   shards so that rank zero's modules hold the whole model for the stages it runs alone, and the final
-  checkpoint is saved by all ranks (`leave_distributed`); `fsdp_refusal` names what shards rule out.
+  checkpoint is saved by all ranks (`leave_distributed`); `plan.fsdp_refusal` names what shards rule out.
 
 Only light imports at module level: the command line imports this before a run starts.
 """
@@ -297,35 +297,6 @@ def gather_full_parameters(trainer) -> None:
     if trainer.is_global_zero:
         for name, param in module.named_parameters():
             param.data = full[name].to(param.device)
-
-
-def fsdp_refusal(settings, methods, strategy) -> Optional[str]:
-    """Why this run cannot use FSDP, in one line (None: it can). Through training and evaluation FSDP holds
-    every parameter and its gradient as a shard on each process (rank zero gathers the whole model only at
-    the end, `gather_full_parameters`), so what reads or changes whole trained weights before then does not
-    work: pruning while training, re-masking pruned weights that train, compressing the trained model before
-    it is evaluated, scores from whole gradients (AdaLoRA), loading the selected checkpoint back."""
-    if settings.hardware.strategy != "fsdp":
-        return None
-    from llmk_lab.compression import CompressionMethod
-
-    start, instead = "hardware.strategy='fsdp' cannot be combined with", "; use hardware.strategy=ddp"
-    peft = strategy.registered_name
-    for method in methods:
-        name = method.registered_name
-        if method.prunes_while_training:
-            return f"{start} compression.method={name!r}: it prunes weights while they train{instead}"
-        if type(method).after_fit is not CompressionMethod.after_fit:
-            return f"{start} compression.method={name!r}: it compresses the trained model before evaluation{instead}"
-        if hasattr(method.settings, "sparsity") and strategy.trains_base_weights != "none":
-            return (f"{start} compression.method={name!r} and peft.method={peft!r}: the pruned weights train and "
-                    f"are re-masked at every step{instead}, or a peft method that keeps them frozen (e.g. lora)")
-    if strategy.reads_whole_gradients:
-        return f"{start} peft.method={peft!r}: it scores its updates from their whole gradients{instead}"
-    if settings.train.monitor:
-        return (f"{start} train.monitor={settings.train.monitor!r}: the selected checkpoint is loaded back into "
-                f"the whole model{instead}")
-    return None
 
 
 def child_command(local_rank: int) -> list[str]:

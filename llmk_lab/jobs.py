@@ -9,6 +9,8 @@ from typing import Optional
 import pytorch_lightning as pl
 import torch
 
+from llmk_lab import hardware
+
 log = logging.getLogger(__name__)
 
 RESUME_CHECKPOINT = "resume"  # checkpoints/resume.ckpt, removed once the job completes
@@ -76,8 +78,6 @@ def checkpoint_to_resume(settings, run_dir: Path, fingerprint: str) -> Optional[
 
     Every rank of a distributed run reads rank zero's run directory (`hardware.job_dir`), so all of them
     continue from the same checkpoint or none does; only rank zero removes or stamps anything."""
-    from llmk_lab import hardware
-
     path = resume_checkpoint_path(hardware.job_dir(run_dir))
     stamp = path.with_suffix(".config")
     fingerprint = hardware.shared_fingerprint(fingerprint)

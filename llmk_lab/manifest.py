@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from llmk_lab.hardware import decisions
+
 PACKAGES = ("llmk_lab", "torch", "transformers", "peft", "pytorch-lightning", "hydra-core", "omegaconf",
             "torchmetrics", "wandb", "safetensors", "tokenizers", "torchao", "datasets", "seqeval")
 
@@ -47,8 +49,6 @@ def hardware() -> dict[str, Any]:
     info = {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cuda_available": torch.cuda.is_available()}
-    from llmk_lab.hardware import decisions  # threads per process and why (hardware.threads=auto)
-
     info.update(decisions)
     if torch.cuda.is_available():
         info["cuda_devices"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]

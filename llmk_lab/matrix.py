@@ -154,7 +154,7 @@ def hydra_session():
         return
     from hydra import initialize_config_dir
 
-    from llmk_lab import register_all
+    from llmk_lab.registry import register_all
     from llmk_lab.cli import config_dir
 
     register_all()
@@ -176,7 +176,7 @@ def compose(overrides: list[str]):
 def refusal(cell: Cell, merged: bool) -> Optional[str]:
     """plan()'s one-line refusal of the cell, or None when it is planned to run."""
     from llmk_lab.errors import UserError
-    from llmk_lab.run import plan
+    from llmk_lab.plan import plan
 
     try:
         plan(compose(cell.overrides(merged)))
@@ -221,7 +221,7 @@ def planned(cell: Cell) -> tuple[Any, Optional[str], Optional[str]]:
     from omegaconf import open_dict
 
     from llmk_lab.errors import UserError
-    from llmk_lab.run import plan
+    from llmk_lab.plan import plan
 
     if cell in _PLANNED:
         return _PLANNED[cell]
@@ -380,7 +380,7 @@ def check_cell(cell: Cell, run_dir: Path, metrics: dict, capture: _Capture, merg
     import torch
     from safetensors.torch import load_file
 
-    from llmk_lab.compression.masks import MASK
+    from llmk_lab.masks import MASK
     from llmk_lab.tasks import TASKS
 
     problems: list[str] = []

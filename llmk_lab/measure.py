@@ -9,26 +9,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 from torch import nn
 
 from llmk_lab.compression import FINE_TUNED
 from llmk_lab.compression.low_bit import PackedLinear
-from llmk_lab.quantized_base import dequantized, float_merge, has_4bit_base, is_4bit_weight
-
-
-def stored_values(tensor: torch.Tensor) -> torch.Tensor:
-    """The values a (possibly quantised) weight stores, as a plain tensor: the int8 data of torchao's
-    tensor subclasses (`qdata`) and of torch.ao quantised tensors (`int_repr`), the tensor itself otherwise.
-    Quantisation is symmetric, so a pruned (zero) weight is a zero here too."""
-    if getattr(tensor, "is_quantized", False):
-        return tensor.int_repr()
-    if is_4bit_weight(tensor):  # a QLoRA base: the NF4 values (NF4 has an exact zero)
-        return dequantized(tensor)
-    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "qdata"):
-        return tensor.qdata
-    return tensor.detach()
+from llmk_lab.compression.weight_sharing import untie_shared_weights
+from llmk_lab.masks import stored_values
+from llmk_lab.quantized_base import float_merge, has_4bit_base
 
 
 def packed_weights(model: nn.Module):
@@ -80,8 +68,6 @@ def deployable(model: nn.Module, strategy=None) -> nn.Module:
     Not re-masked after merging: the masked LoRA/AdaLoRA layers merge their masked update, so the zeros a
     merged model has are measured, not imposed. Weights shared across blocks are untied where a per-block
     update is merged into them (each block gets its own merged copy)."""
-    from llmk_lab.compression.weight_sharing import untie_shared_weights
-
     copy_ = copy.deepcopy(model)
     if strategy is not None and strategy.mergeable:
         untie_shared_weights(copy_, adapted_only=True)

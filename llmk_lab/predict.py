@@ -33,6 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from llmk_lab.console import quiet_libraries
 from llmk_lab.errors import UserError
 from llmk_lab.export import PLAIN, finished_model_dir, load_exported, read_info
 
@@ -321,8 +322,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--top-k", type=int, help="masked LM: candidates per mask token (default 5)")
     args = parser.parse_args(argv)
-    from llmk_lab.console import quiet_libraries
-
     quiet_libraries()  # no per-load progress bars or load reports
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     warnings.simplefilter("default", TruncationWarning)

@@ -14,6 +14,9 @@ from transformers import (AutoConfig, AutoModel, AutoModelForMaskedLM, AutoModel
                           AutoModelForTokenClassification, BertConfig, BertForMaskedLM, BertForSequenceClassification,
                           BertForTokenClassification, BertModel)
 
+from llmk_lab.architectures import architecture
+from llmk_lab.surgery import remove_heads
+
 PRUNED_BERT = "llmk_pruned_bert"
 
 
@@ -30,14 +33,10 @@ def _pruned_class(base: type) -> type:
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
         if config.attention_heads_kept is not None:
-            # Imported here: structured pruning saves this model type, so it imports this module.
-            from llmk_lab.architectures import architecture
-            from llmk_lab.compression.structured import remove_heads
-
             arch = architecture(self)
             keep = list(range(config.attention_heads_kept))
             for block in arch.blocks:
-                remove_heads(block, keep, arch)  # shapes only: the checkpoint's weights are loaded afterwards
+                remove_heads(block, keep, arch, PRUNED_BERT)  # shapes only: the checkpoint's weights are loaded afterwards
 
     return type(f"Pruned{base.__name__}", (base,), {"config_class": PrunedBertConfig, "__init__": __init__})
 

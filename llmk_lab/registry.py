@@ -17,6 +17,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from llmk_lab.assets import refuse_missing_model_path
+from llmk_lab.config import RunConfig, register_schemas
+from llmk_lab.config_errors import closest_key_hint
 from llmk_lab.errors import InvalidValue, UserError
 
 T = TypeVar("T")
@@ -89,8 +92,6 @@ def to_settings(schema: type, node: Any, path: str) -> Any:
         key = f"{path}.{err.full_key}" if getattr(err, "full_key", None) else path
         msg = str(err).splitlines()[0]
         if "not in" in msg and dataclasses.is_dataclass(schema):  # `+train.lrr=...`: name the closest key
-            from llmk_lab.config_errors import closest_key_hint
-
             msg = closest_key_hint(key, [f.name for f in dataclasses.fields(schema)])
         raise UserError(f"{key}: {msg}") from None
 
@@ -142,6 +143,7 @@ class _NotLight(Exception):
 def light_namespace(module: str) -> dict[str, Any]:
     """The names of `module` that can be defined without its heavy imports (see above)."""
     import __future__
+
     import ast
     import importlib
     import sys
@@ -264,10 +266,6 @@ def check_values_lightly(cfg: Any) -> None:
     """Every schema's value checks (`__post_init__`) on a composed config, with the schemas stored
     lightly: an out-of-range value is refused in a fraction of a second, before a run imports torch.
     The run's own `plan` checks everything again, combinations included."""
-    from llmk_lab.config import RunConfig
-
-    from llmk_lab.assets import refuse_missing_model_path
-
     plain = OmegaConf.to_container(cfg, resolve=True)
     for field in dataclasses.fields(RunConfig):
         node = plain.get(field.name)
@@ -326,3 +324,20 @@ def import_submodules(package_name: str, package_path) -> None:
     for info in pkgutil.iter_modules(package_path):
         if not info.name.startswith("_"):
             importlib.import_module(f"{package_name}.{info.name}")
+
+
+# Registries whose options Hydra composes (`group=option`): (package, registry variable, config group).
+SCHEMA_REGISTRIES = (("llmk_lab.compression", "COMPRESSION", "compression"), ("llmk_lab.peft", "PEFT", "peft"))
+
+
+def register_all() -> None:
+    """Put every schema in Hydra's ConfigStore before composing, without importing torch & co.
+
+    The method files are read, not imported (`registry.store_schemas_lightly`): composing,
+    `--cfg job` and config errors take a fraction of a second; the methods themselves (and
+    torch, transformers, peft, Lightning) are imported once a run starts, and store the same
+    schemas again when they register.
+    """
+    for package, registry_name, group in SCHEMA_REGISTRIES:
+        store_schemas_lightly(package, registry_name, group)
+    register_schemas()

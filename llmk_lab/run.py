@@ -12,7 +12,6 @@ import copy
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -20,100 +19,29 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from llmk_lab.compression import AS_LOADED, CompressionMethod, build_methods
+from llmk_lab import console, hardware, jobs, tracking
+from llmk_lab.compression import AS_LOADED
 from llmk_lab.compression.weight_sharing import untie_shared_weights
-from llmk_lab.compression.masks import MaskKeeper, masked_linears, sparsity_report
 from llmk_lab.config import RunConfig
 from llmk_lab.context import RunContext
 from llmk_lab.data import load_data
 from llmk_lab.data.module import TaskDataModule
 from llmk_lab.errors import UserError
-from llmk_lab.lm_evaluation import check_tasks as check_lm_eval_tasks, run_lm_eval
+from llmk_lab.lm_evaluation import run_lm_eval
 from llmk_lab.manifest import build_manifest, write_json
+from llmk_lab.masks import MaskKeeper, masked_linears, sparsity_report
 from llmk_lab.measure import (compression_figures, deployed, keep_fitted_reference, needs_reference, parameter_counts,
                               peak_memory_mb)
 from llmk_lab.models import load_model, load_tokenizer
 from llmk_lab.module import TaskModule, ThroughputMonitor
-from llmk_lab.peft import PEFT, PeftStrategy
-from llmk_lab.quantized_base import check_device as check_quantized_base_device, quantize_base, quantize_base_refusal
-from llmk_lab.registry import to_settings
+from llmk_lab.peft import PeftStrategy
+from llmk_lab.plan import plan
+from llmk_lab.quantized_base import quantize_base
 from llmk_lab.sweep import config_fingerprint
 from llmk_lab.tasks import get_task, optimized_metric
-from llmk_lab.training.pooling import refusal as pooling_refusal
 from llmk_lab.training.selection import restore_best, selection_callbacks
-from llmk_lab import console, hardware, jobs, tracking
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Plan:
-    """The validated config and the objects it names, built before any heavy work."""
-    settings: RunConfig
-    methods: list[CompressionMethod]
-    strategy: PeftStrategy
-
-
-def plan(cfg: DictConfig) -> Plan:
-    """Check every value and combination up front, so bad input fails before anything is written."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    values: dict[str, Any] = {}
-    for field in dataclasses.fields(RunConfig):
-        node = plain.get(field.name)
-        if field.default_factory is not dataclasses.MISSING:  # a nested schema: validate it under its key
-            values[field.name] = to_settings(type(field.default_factory()), node or {}, field.name)
-        else:
-            values[field.name] = node
-    settings = RunConfig(**values)
-    compression_node, peft_node = settings.compression, settings.peft
-    methods = build_methods(compression_node or {"method": "none"})
-    strategy = PEFT.build(peft_node or {"method": "linear_probe"}, "peft")
-    if settings.export.merged and not strategy.mergeable:
-        raise UserError(f"export.merged=true is not possible with peft.method={strategy.registered_name!r}: "
-                        "its update cannot be folded into the weights")
-    refuse_combinations(settings, methods, strategy)
-    if settings.eval.lm_eval.tasks:
-        if not strategy.logits_align_with_input:
-            raise UserError(f"eval.lm_eval.tasks is not possible with peft.method={strategy.registered_name!r}: "
-                            "lm-eval reads one logit row per input token, and its virtual tokens come first; "
-                            "use peft=prefix, lora or another strategy")
-        check_lm_eval_tasks(settings.eval.lm_eval)
-    reason = pooling_refusal(settings.train, settings.export)
-    if reason:
-        raise UserError(reason)
-    return Plan(settings, methods, strategy)
-
-
-def refuse_combinations(settings: RunConfig, methods: list[CompressionMethod], strategy: PeftStrategy) -> None:
-    """Combinations of options that cannot work, from what each method and strategy declares, refused in
-    one line naming both options and why (the composition matrix, `llmk_lab.matrix`, lists them)."""
-    peft_name = strategy.registered_name
-    for method in methods:
-        name = method.registered_name
-        if settings.export.merged and method.merged_export_refusal:
-            raise UserError(f"export.merged=true is not possible with compression.method={name!r}: "
-                            f"{method.merged_export_refusal}")
-        if method.prunes_while_training and (strategy.trains_base_weights == "none" or (
-                strategy.trains_base_weights == "some" and getattr(method.settings, "target_modules", None) is None)):
-            raise UserError(f"compression.method={name!r} prunes weights while they train, but peft.method="
-                            f"{peft_name!r} keeps the targeted weights frozen; use peft=full (or peft=top_layers "
-                            "with compression.target_modules inside the trained layers)")
-        reason = method.refusal_with(strategy)
-        if reason:
-            raise UserError(f"compression.method={name!r} cannot be combined with peft.method={peft_name!r}: "
-                            f"{reason}")
-    reason = quantize_base_refusal(settings.model.quantize_base, strategy, methods)
-    if reason:
-        raise UserError(reason)
-    if settings.model.quantize_base is not None:
-        check_quantized_base_device(settings.hardware.accelerator)
-        if settings.hardware.strategy == "fsdp":
-            raise UserError(f"model.quantize_base={settings.model.quantize_base} is not possible with "
-                            "hardware.strategy=fsdp: FSDP shards float parameters, not bitsandbytes' packed 4-bit "
-                            "ones; use ddp or one device")
-    reason = hardware.fsdp_refusal(settings, methods, strategy)  # what FSDP's sharded parameters rule out
-    if reason:
-        raise UserError(reason)
 
 
 def build_trainer(settings: RunConfig, loggers: list, callbacks: list, run_dir: Path) -> pl.Trainer:
@@ -162,7 +90,7 @@ def measure_sparsity(ctx: RunContext, strategy: PeftStrategy, methods) -> dict[s
     report = sparsity_report(ctx.model, masked)
     figures: dict[str, Any] = {"sparsity/pruned_layers": report["overall"]}
     ctx.reports["sparsity_per_layer"] = report["per_layer"]
-    requested = [m.settings.sparsity for m in methods if hasattr(m.settings, "sparsity")]
+    requested = [m.requested_sparsity for m in methods if m.requested_sparsity is not None]
     if requested:
         figures["sparsity/requested"] = requested[-1]
     if strategy.mergeable and ctx.settings.measure.enabled:

@@ -16,9 +16,12 @@ from typing import Any, Iterable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from llmk_lab.manifest import write_json
+from llmk_lab.report import write_report
+
 # Naming of a sweep directory and its jobs lives in sweep_layout, shared with the report.
-from llmk_lab.sweep_layout import (CONTROL_KEYS, SWEEP_FILE, infer_direction, is_control_key,  # noqa: F401
-                                   override_key, read_sweep_info, sweep_group)
+from llmk_lab.sweep_layout import (CONTROL_KEYS, SWEEP_FILE, infer_direction, is_control_key, override_key,  # noqa: F401
+                                   read_sweep_info, sweep_group)
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +64,6 @@ def completed_metrics(run_dir: Path, fingerprint: str) -> Optional[dict[str, Any
 
 
 def mark_completed(run_dir: Path, fingerprint: str) -> None:
-    from llmk_lab.manifest import write_json
-
     path = run_dir / "metrics.json"
     metrics = json.loads(path.read_text())
     metrics["config_hash"] = fingerprint
@@ -110,8 +111,6 @@ class SweepReport(Callback):
         (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        from llmk_lab.report import write_report
-
         sweep_dir = Path(config.hydra.sweep.dir)
         try:
             result = write_report(sweep_dir)

@@ -20,7 +20,7 @@ from transformers.pytorch_utils import Conv1D
 from llmk_lab.architectures import (FAMILIES, architecture, name_matcher, pin_blocks, to_weight_layout,
                                     transformer_blocks, weight_matrix)
 from llmk_lab.compression import COMPRESSION, target_linears
-from llmk_lab.compression.masks import MASK
+from llmk_lab.masks import MASK
 from llmk_lab.compression.structured import StructuredConfig, StructuredPruning
 from llmk_lab.errors import UserError
 from llmk_lab.peft import resolve_targets

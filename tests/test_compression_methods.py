@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, BertConfig, BertFor
 from llmk_lab.compression.distillation import distillation_loss
 from llmk_lab.compression.gradual import GradualConfig, ScheduledPruning, cubic_sparsity
 from llmk_lab.compression.low_rank import LowRank, LowRankConfig, energy_rank, factorize
-from llmk_lab.compression.masks import MASK
+from llmk_lab.masks import MASK
 from llmk_lab.compression.movement import MovementConfig, MovementScores
 from llmk_lab.compression.quantization import (DynamicInt8, DynamicInt8Config, WeightOnlyInt8, WeightOnlyInt8Config,
                                                is_quantized)
@@ -35,7 +35,7 @@ def calibration():
 
 
 def context(model):
-    return SimpleNamespace(model=model, datamodule=SimpleNamespace(calibration_batches=lambda n, b: calibration()),
+    return SimpleNamespace(model=model, quantized_by=None, datamodule=SimpleNamespace(calibration_batches=lambda n, b: calibration()),
                            settings=SimpleNamespace(hardware=SimpleNamespace(accelerator="cpu")),
                            task=SimpleNamespace(head_modules=("classifier", "score")))
 

@@ -7,7 +7,7 @@ from hydra.errors import ConfigCompositionException, HydraException
 from omegaconf.errors import OmegaConfBaseException
 
 from llmk_lab.errors import UserError
-from llmk_lab.run import plan
+from llmk_lab.plan import plan
 from tests.conftest import ROOT, compose_config
 
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))

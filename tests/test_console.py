@@ -112,7 +112,7 @@ def test_progress_text_counts_epochs_from_one():
 def test_a_csv_that_is_not_utf8_gets_one_hint_and_data_encoding_reads_it(tmp_path):
     from llmk_lab.data import load_data
     from llmk_lab.errors import UserError
-    from llmk_lab.run import plan
+    from llmk_lab.plan import plan
     from tests.conftest import compose_config
 
     rows = ["text,label"] + [f"caf\xe9 num\xe9ro {i},{i % 2}" for i in range(40)]
@@ -193,7 +193,7 @@ def test_plain_progress_lines_follow_the_step_budget(capsys):
 
 def test_an_added_unknown_key_names_the_closest_one_too():
     from llmk_lab.errors import UserError
-    from llmk_lab.run import plan
+    from llmk_lab.plan import plan
     from tests.conftest import compose_config
 
     with pytest.raises(UserError, match=r"train\.lrr: no such key in train .*did you mean train\.lr\?"):

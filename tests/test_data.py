@@ -7,7 +7,7 @@ import pytest
 
 from llmk_lab.data import load_data
 from llmk_lab.errors import UserError
-from llmk_lab.run import plan
+from llmk_lab.plan import plan
 from llmk_lab.cli import _objective
 from llmk_lab.sweep_layout import infer_direction
 from tests.conftest import compose_config, read_metrics, run_cli, run_config

@@ -153,7 +153,7 @@ def pruned_lora_int8_run(tmp_path_factory):
 def test_int8_model_round_trips_in_int8_with_its_zeros(pruned_lora_int8_run):
     from llmk_lab.data import load_data
     from llmk_lab.predict import load
-    from llmk_lab.run import plan
+    from llmk_lab.plan import plan
     from tests.conftest import compose_config
 
     run_dir, overrides = pruned_lora_int8_run
@@ -369,7 +369,7 @@ def adapter_runs(tmp_path_factory, base_dir):
 @pytest.mark.parametrize("case, form", [("lora", "peft"), ("pruned_bitfit", "trained_tensors"),
                                         ("pruned_prompt", "peft")])
 def test_adapter_reloaded_on_its_base_predicts_as_the_run(adapter_runs, case, form):
-    from llmk_lab.compression.masks import PRUNED_BASE
+    from llmk_lab.masks import PRUNED_BASE
 
     run_dir = adapter_runs[case]
     metrics = read_metrics(run_dir)

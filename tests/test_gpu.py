@@ -31,7 +31,8 @@ def test_mixed_precision_training_on_one_gpu(tmp_path, tiny, precision):
 
 def test_16_mixed_scales_the_loss(tmp_path, tiny):
     """16-mixed trains through Lightning's grad scaler (fp16 gradients would underflow without it)."""
-    from llmk_lab.run import build_trainer, plan
+    from llmk_lab.plan import plan
+    from llmk_lab.run import build_trainer
     from tests.conftest import compose_config
 
     settings = plan(compose_config([*tiny, "hardware=gpu", "hardware.precision=16-mixed"])).settings

@@ -80,7 +80,7 @@ def test_composing_imports_no_heavy_library_and_stores_every_schema():
     import subprocess
     import sys
 
-    code = ("import sys, llmk_lab, llmk_lab.cli; from llmk_lab import registry; llmk_lab.register_all();"
+    code = ("import sys, llmk_lab, llmk_lab.cli; from llmk_lab import registry; llmk_lab.registry.register_all();"
             "from tests.conftest import compose_config; compose_config(['compression=wanda', 'peft=adalora']);"
             f"print([m for m in {HEAVY!r} if m in sys.modules], registry.light_fallbacks)")
     # conftest imports torch itself: compose the same way it does, without it
@@ -112,7 +112,7 @@ def test_schemas_read_from_the_files_equal_the_registered_ones():
     registry._light_cache.clear()
     registry._light_modules.clear()
     real = {"COMPRESSION": COMPRESSION, "PEFT": PEFT}
-    for package, name, group in llmk_lab.SCHEMA_REGISTRIES:
+    for package, name, group in llmk_lab.registry.SCHEMA_REGISTRIES:
         # Read the files as a fresh process would: with the real modules hidden from the reader.
         import sys
 
@@ -160,7 +160,7 @@ def test_bad_values_are_refused_by_the_light_check_with_the_full_key():
 # ------------------------------------------------------------------ hardware settings
 
 def _settings(overrides):
-    from llmk_lab.run import plan
+    from llmk_lab.plan import plan
     from tests.conftest import compose_config
 
     return plan(compose_config(overrides)).settings
@@ -282,7 +282,7 @@ def test_gradient_checkpointing_recomputes_and_gives_the_same_gradients():
 
 def test_replica_digest_sees_a_different_mask_and_the_check_refuses_it():
     from llmk_lab import hardware
-    from llmk_lab.compression.masks import set_mask
+    from llmk_lab.masks import set_mask
 
     a, b = tiny_llama(), tiny_llama()
     assert hardware.replica_digest(a) == hardware.replica_digest(b)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llmk_lab.compression.masks import MASK, MaskKeeper, set_mask
+from llmk_lab.masks import MASK, MaskKeeper, set_mask
 from llmk_lab.peft.lora import mask_lora_updates
 from tests.conftest import run_config
 

@@ -148,7 +148,8 @@ def test_4_weight_sharing_merged_export_saves_and_reloads(tmp_path):
 
 
 def test_5_low_rank_merged_export_is_refused_and_a_folder_with_random_layers_fails_the_check(tmp_path):
-    from llmk_lab.run import merged_logit_gap, plan
+    from llmk_lab.plan import plan
+    from llmk_lab.run import merged_logit_gap
     from tests.test_compression_methods import INPUT, tiny_bert
 
     with pytest.raises(UserError, match=r"export.merged=true .* compression.method='low_rank'"):
@@ -184,7 +185,7 @@ def test_7_the_adapter_of_a_pruned_run_reproduces_it_on_the_pruned_base(tmp_path
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification
 
-    from llmk_lab.compression.masks import load_pruned_base
+    from llmk_lab.masks import load_pruned_base
     from tests.test_compression_methods import INPUT
 
     from transformers import BertConfig, BertForSequenceClassification

@@ -112,7 +112,7 @@ def _batch(tmp_path):
     from llmk_lab.data import load_data
     from llmk_lab.data.module import TaskDataModule
     from llmk_lab.models import load_tokenizer
-    from llmk_lab.run import plan
+    from llmk_lab.plan import plan
     from llmk_lab.tasks import get_task
 
     settings = plan(compose_config(["model=tiny_bert", "data.limit_eval=32"])).settings

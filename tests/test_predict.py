@@ -13,7 +13,7 @@ from llmk_lab import export
 from llmk_lab.data import load_data
 from llmk_lab.errors import UserError
 from llmk_lab.predict import TruncationWarning, bio_spans, load
-from llmk_lab.run import plan
+from llmk_lab.plan import plan
 from tests.conftest import ROOT, compose_config, read_metrics, run_config
 from tests.test_data import WORDS, conll_sentences, sentence, write_conll
 from tests.test_export import FAST, topic_csv

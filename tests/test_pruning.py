@@ -8,11 +8,11 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 from llmk_lab.compression import COMPRESSION
 from llmk_lab.compression.calibration import InputStatistics, prune_block_sequentially
-from llmk_lab.compression.masks import MASK
+from llmk_lab.masks import MASK
 from llmk_lab.compression.sparsegpt import sparsegpt_prune
 from llmk_lab.compression.wanda import wanda_scores
 from llmk_lab.errors import UserError
-from llmk_lab.run import plan
+from llmk_lab.plan import plan
 
 from tests.conftest import compose_config, run_cli, run_config
 
@@ -156,7 +156,7 @@ def test_block_sequential_calibration_feeds_the_pruned_outputs_forward():
     def prune_layer(name, layer, stats):
         seen[name], _ = stats.column_norms.clone(), order.append(name)
         scores = wanda_scores(layer.weight, stats.column_norms)
-        from llmk_lab.compression.masks import set_mask
+        from llmk_lab.masks import set_mask
         from llmk_lab.compression.one_shot import row_keep_mask
         set_mask(layer, row_keep_mask(scores, 0.5))
 

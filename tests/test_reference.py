@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from llmk_lab import export
+from llmk_lab import reference as reference_module
 from llmk_lab.reference import FROM_TEST_STAGE, RecordedTestOutputs, check_subset, outputs_by_length
 from tests.conftest import read_metrics, run_config
 
@@ -92,13 +93,13 @@ def test_test_outputs_are_laid_out_in_split_order_and_refused_when_they_are_not_
 
 def test_the_export_runs_only_the_reloaded_model_and_stores_the_test_stage_outputs(tmp_path, tiny, monkeypatch):
     ran = []
-    original = export.model_outputs
+    original = reference_module.model_outputs
 
     def counted(model, *args, **kwargs):
         ran.append(type(model).__name__)
         return original(model, *args, **kwargs)
 
-    monkeypatch.setattr(export, "model_outputs", counted)
+    monkeypatch.setattr(reference_module, "model_outputs", counted)
     metrics = run_config(tiny + PRUNED, tmp_path)
     assert metrics["export/reference_outputs"] == FROM_TEST_STAGE
     assert metrics["export/model_agreement"] == 1.0 and metrics["export/model_max_abs_diff"] < 1e-4

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from llmk_lab.report import main, write_report
+from llmk_lab.report import write_report
+from llmk_lab.report.cli import main
 
 
 def wandb_sweep(tmp_path: Path) -> Path:

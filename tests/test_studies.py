@@ -75,7 +75,7 @@ def test_every_study_has_a_sweep_script_and_a_readme():
 def test_every_run_a_study_launches_is_planned(script, tmp_path):
     from llmk_lab.matrix import compose
     from llmk_lab.registry import check_values_lightly
-    from llmk_lab.run import plan
+    from llmk_lab.plan import plan
 
     runs, reports = recorded_runs(script, tmp_path)
     assert runs, f"{script} launched no run"

@@ -84,7 +84,7 @@ def test_report_aggregates_seeds_lists_failures_and_plots(synthetic_sweep: Path)
 
 
 def test_report_cli_writes_files(synthetic_sweep: Path, capsys):
-    from llmk_lab.report import main
+    from llmk_lab.report.cli import main
 
     assert main([str(synthetic_sweep), "--metric", "test/acc", "--no-wandb"]) == 0
     assert "Optimised metric: `test/acc` (maximize)" in (synthetic_sweep / "report.md").read_text()
@@ -94,7 +94,7 @@ def test_report_cli_writes_files(synthetic_sweep: Path, capsys):
 
 def test_report_series_draws_one_line_per_value_in_x_order(synthetic_sweep: Path, capsys):
     """`--series peft.r`: each rank's configurations make one curve over sparsity, seed means with their std."""
-    from llmk_lab.report import main
+    from llmk_lab.report.cli import main
     from llmk_lab.report.plots import series_lines
 
     rows = write_report(synthetic_sweep, series="peft.r").rows

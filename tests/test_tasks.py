@@ -11,7 +11,7 @@ from llmk_lab.data import RawData
 from llmk_lab.data.module import TaskDataModule
 from llmk_lab.errors import UserError
 from llmk_lab.models import load_tokenizer
-from llmk_lab.run import plan
+from llmk_lab.plan import plan
 from llmk_lab.tasks import get_task
 from llmk_lab.tasks.causal_lm import TokenNLL, random_windows, token_windows
 from llmk_lab.tasks.masked_lm import segments_of, sentence_pairs

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llmk_lab.errors import UserError
-from llmk_lab.run import plan
+from llmk_lab.plan import plan
 from tests.conftest import compose_config, read_metrics, run_config
 
 # Training long enough to log a few steps.

@@ -51,11 +51,28 @@ class CompressionMethod:
     # earlier steps compressed (a distillation teacher fine-tuned from the dense model, after a pruning step).
     # Otherwise the uncompressed copy is kept only when a figure compares with it: it costs 1x the weights.
     reads_uncompressed_model: bool = False
+    # Whether `after_fit` compresses the trained model before it is evaluated (post-training quantisation):
+    # FSDP's shards never hold the whole trained model before the end, so plan() refuses the two together.
+    compresses_after_fit: bool = False
 
     def __init__(self, settings: Any):
         self.settings = settings
         # What the method did, e.g. the layers it pruned: recorded in metrics.json.
         self.report: dict[str, Any] = {}
+
+    def steps(self) -> list["CompressionMethod"]:
+        """The methods a run applies for this one, in order: itself (a chain: its steps)."""
+        return [self]
+
+    @property
+    def requested_sparsity(self) -> Optional[float]:
+        """The fraction of the targeted weights the method sets to zero, or None where it sets no such ratio."""
+        return None
+
+    @property
+    def target_modules(self) -> Optional[Any]:
+        """The layers the user pointed the method at (`compression.target_modules`), or None: its default."""
+        return None
 
     def refusal_with(self, strategy) -> Optional[str]:
         """Why this method (with its settings) cannot be combined with PEFT `strategy`, or None."""
@@ -86,8 +103,7 @@ def build_methods(node, path: str = "compression") -> list[CompressionMethod]:
     """The configured method as a list (a chain yields its steps, in order)."""
     if node is None:
         return []
-    method = COMPRESSION.build(node, path)
-    return list(getattr(method, "steps", [method]))
+    return COMPRESSION.build(node, path).steps()
 
 
 def target_linears(model: nn.Module, target_modules: Optional[Any], key: str,

@@ -28,14 +28,17 @@ class Chain(CompressionMethod):
         super().__init__(settings)
         if not settings.steps:
             raise UserError("compression.steps=[] is not allowed: a chain needs at least one step")
-        self.steps = []
+        self.step_methods: list[CompressionMethod] = []
         for i, step in enumerate(settings.steps):
             if isinstance(step, dict) and step.get("method") == "chain":
                 raise UserError(f"compression.steps[{i}].method='chain' is not allowed: chains do not nest")
-            self.steps.append(COMPRESSION.build(step, f"compression.steps[{i}]"))
-        quantizers = [i for i, step in enumerate(self.steps) if step.quantizes_weights]
+            self.step_methods.append(COMPRESSION.build(step, f"compression.steps[{i}]"))
+        quantizers = [i for i, step in enumerate(self.step_methods) if step.quantizes_weights]
         if len(quantizers) > 1:
-            names = [self.steps[i].registered_name for i in quantizers]
+            names = [self.step_methods[i].registered_name for i in quantizers]
             raise UserError(f"compression.steps[{quantizers[1]}].method={names[1]!r} is not allowed: step "
                             f"{quantizers[0]} ({names[0]!r}) already quantises the weights; a chain quantises "
                             "once (prune first, then one quantisation step)")
+
+    def steps(self) -> list[CompressionMethod]:
+        return list(self.step_methods)

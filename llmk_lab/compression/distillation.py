@@ -26,6 +26,8 @@ import torch.nn.functional as F
 
 from llmk_lab.compression import COMPRESSION, CompressionMethod, LossTerm
 from llmk_lab.errors import UserError, check
+from llmk_lab.models import _resolve
+from llmk_lab.module import TaskModule
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +67,7 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
 
 
 def check_labels(teacher, ctx, reference: str) -> None:
-    labels = getattr(ctx.task, "labels", None)
+    labels = ctx.task.labels
     if not labels:
         return
     taught = getattr(teacher.config, "id2label", None) or {}
@@ -76,8 +78,6 @@ def check_labels(teacher, ctx, reference: str) -> None:
 
 
 def load_teacher(reference: str, ctx):
-    from llmk_lab.models import _resolve
-
     path, _ = _resolve(reference, "compression.teacher")
     try:
         # No label arguments: the teacher's own head and label names are what must match.
@@ -89,8 +89,6 @@ def load_teacher(reference: str, ctx):
 
 
 def finetune_dense_teacher(ctx, settings: DistillationConfig):
-    from llmk_lab.module import TaskModule
-
     source = ctx.dense_model if ctx.dense_model is not None else ctx.model
     teacher = copy.deepcopy(source)
     for param in teacher.parameters():

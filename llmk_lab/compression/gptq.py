@@ -28,6 +28,8 @@ from-scratch OBS step and the layer error against RTN's.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from dataclasses import dataclass
 
 import torch
@@ -140,6 +142,10 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, grid: Grid, group
 @COMPRESSION.register("gptq", config=GPTQConfig)
 class GPTQ(LowBitQuantization):
     calibrated = True
+
+    @property
+    def requested_sparsity(self) -> Optional[float]:
+        return self.settings.sparsity  # joint pruning (SparseGPT's mode of the same pass); 0: none
 
     def quantize(self, model, layers, ctx):
         s = self.settings

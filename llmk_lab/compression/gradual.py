@@ -21,7 +21,7 @@ from torch import nn
 
 from llmk_lab.compression import COMPRESSION, CompressionMethod, target_linears
 from llmk_lab.compression.magnitude import lowest_k_mask
-from llmk_lab.compression.masks import MASK, set_mask, sparsity_report
+from llmk_lab.masks import MASK, set_mask, sparsity_report
 from llmk_lab.errors import UserError, check
 
 
@@ -235,6 +235,14 @@ def trainable_targets(ctx, settings, key: str) -> dict[str, nn.Linear]:
 @COMPRESSION.register("gradual_magnitude", config=GradualConfig)
 class GradualMagnitudePruning(CompressionMethod):
     prunes_while_training = True
+
+    @property
+    def requested_sparsity(self) -> Optional[float]:
+        return self.settings.sparsity
+
+    @property
+    def target_modules(self) -> Optional[Any]:
+        return self.settings.target_modules
 
     def callbacks(self, ctx) -> list:
         return [ScheduledPruning(trainable_targets(ctx, self.settings, "compression"), self.settings, self.report)]

@@ -4,7 +4,7 @@ are More Redundant Than You Expect").
 Block influence of decoder block i on calibration data: BI_i = 1 - E_t[cos(x_t, y_t)], where x_t is the
 block's input hidden state at token t and y_t its output (mean over every non-padding calibration token, one
 forward pass of the dense model). A block that barely turns its input changes little; the `count` blocks of
-lowest influence are removed for good (`compression/structured.drop_blocks`): the saved model has fewer
+lowest influence are removed for good (`llmk_lab/surgery.drop_blocks`): the saved model has fewer
 layers and reloads with `from_pretrained`. Recovery is then any PEFT strategy (LoRA) on the shorter model.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from torch import nn
 from llmk_lab.architectures import architecture, has_decoder_blocks
 from llmk_lab.compression import COMPRESSION, CompressionMethod
 from llmk_lab.compression.calibration import _block_output, _hidden_states, model_inputs
-from llmk_lab.compression.structured import drop_blocks
+from llmk_lab.surgery import drop_blocks
 from llmk_lab.errors import UserError, check
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from llmk_lab.architectures import in_features, weight_matrix
 from llmk_lab.compression import COMPRESSION, FINE_TUNED, CompressionMethod, target_linears
-from llmk_lab.compression.masks import MASK
+from llmk_lab.masks import MASK
 from llmk_lab.errors import UserError, check
 
 # Bit widths the packed format stores and the reload path runs (compressed-tensors packs 1-8 bits;
@@ -231,6 +231,7 @@ class LowBitQuantization(CompressionMethod):
     """Replaces the targeted linear layers by `PackedLinear` after fit; subclasses choose the codes."""
 
     dense_reference = FINE_TUNED
+    compresses_after_fit = True
     merged_export_refusal = ("merged/ is a float checkpoint and the run's model is low-bit; model/ "
                              "(export.model=true, the default) holds the packed model")
     adapter_export_refusal = ("it quantises the model after fit: the run measured the low-bit model, and an "

@@ -70,7 +70,7 @@ class LowRank(CompressionMethod):
 
     def refusal_with(self, strategy):
         # With explicit peft.target_modules (e.g. the factors, `...query.0`) the strategy does not look for roles.
-        if strategy.finds_layers_by_role and getattr(strategy.settings, "target_modules", None) is None:
+        if strategy.finds_layers_by_role and strategy.target_modules is None:
             return ("it replaces the block linears that this strategy finds by their roles (to adapt them, or to "
                     "find the blocks) with pairs of factors; set peft.target_modules to the factor layers, use "
                     "peft=full, bitfit, prompt or prefix, or compress with another method")

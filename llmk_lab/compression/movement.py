@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
@@ -117,6 +118,14 @@ class MovementScores(ScheduledPruning):
 @COMPRESSION.register("movement", config=MovementConfig)
 class MovementPruning(CompressionMethod):
     prunes_while_training = True
+
+    @property
+    def requested_sparsity(self) -> Optional[float]:
+        return self.settings.sparsity
+
+    @property
+    def target_modules(self) -> Optional[Any]:
+        return self.settings.target_modules
 
     def callbacks(self, ctx) -> list:
         return [MovementScores(trainable_targets(ctx, self.settings, "compression"), self.settings, self.report)]

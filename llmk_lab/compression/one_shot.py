@@ -19,7 +19,7 @@ from torch import nn
 from llmk_lab.architectures import LINEAR_TYPES, has_decoder_blocks, in_features
 from llmk_lab.compression import CompressionMethod, target_linears
 from llmk_lab.compression.calibration import InputStatistics, prune_block_sequentially
-from llmk_lab.compression.masks import sparsity_report
+from llmk_lab.masks import sparsity_report
 from llmk_lab.compression.owl import owl_allocation
 from llmk_lab.errors import UserError, check
 
@@ -134,6 +134,13 @@ def layer_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 class OneShotPruning(CompressionMethod):
     """Prunes the targeted linear layers once, before fine-tuning, and reports the sparsity achieved."""
 
+    @property
+    def requested_sparsity(self) -> Optional[float]:
+        return self.settings.sparsity
+
+    @property
+    def target_modules(self) -> Optional[Any]:
+        return self.settings.target_modules
 
     def before_fit(self, ctx) -> None:
         layers = self.layers(ctx.model)

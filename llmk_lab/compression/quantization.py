@@ -24,6 +24,7 @@ from torch import nn
 
 from llmk_lab.compression import COMPRESSION, FINE_TUNED, CompressionMethod, target_linears
 from llmk_lab.compression.low_bit import PackedLinear
+from llmk_lab.compression.weight_sharing import untie_shared_weights
 from llmk_lab.errors import UserError, check
 
 BACKENDS = ("torch_ao", "torchao")
@@ -62,8 +63,6 @@ def merge_adapter_in_place(model: nn.Module) -> None:
     """Fold a PEFT adapter into the base weights, keeping the wrapper, which the strategy's merge unwraps
     later (`measure.deployable`; masked LoRA layers merge their masked update, so pruned weights stay zero; weights shared across
     blocks are untied first, so each block's update lands in its own copy)."""
-    from llmk_lab.compression.weight_sharing import untie_shared_weights
-
     if hasattr(model, "merge_adapter"):
         untie_shared_weights(model, adapted_only=True)
         model.merge_adapter()
@@ -95,6 +94,7 @@ class WeightOnlyInt8Config:
 
 class PostTrainingQuantization(CompressionMethod):
     dense_reference = FINE_TUNED
+    compresses_after_fit = True
     quantizes_weights = True  # before_fit only checks; the weights change after training
     merged_export_refusal = ("merged/ is a float checkpoint and the run's model is int8; model/ (export.model=true, "
                              "the default) holds the int8 model: torchao's int8 in transformers' torchao format "
@@ -109,7 +109,7 @@ class PostTrainingQuantization(CompressionMethod):
         if accelerator != "cpu":
             raise UserError(f"compression.method={self.settings.method!r} builds a model for CPU inference; "
                             f"hardware.accelerator={accelerator!r} is not allowed with it: use hardware=cpu")
-        previous = getattr(ctx, "quantized_by", None)
+        previous = ctx.quantized_by
         if previous is not None or is_quantized(ctx.model):
             raise UserError(f"compression.method={self.settings.method!r}: the model is already quantised"
                             f"{f' by {previous!r}' if previous else ''}; quantise once (allowed: one "

@@ -12,7 +12,7 @@ from torch import nn
 
 from llmk_lab.architectures import to_weight_layout, weight_matrix
 from llmk_lab.compression import COMPRESSION
-from llmk_lab.compression.masks import set_mask
+from llmk_lab.masks import set_mask
 from llmk_lab.compression.one_shot import OneShotConfig, OneShotPruning, keep_mask
 
 

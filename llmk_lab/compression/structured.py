@@ -33,33 +33,19 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from llmk_lab.architectures import (Architecture, architecture, out_features, transformer_blocks,  # noqa: F401
-                                    weight_matrix)
+from llmk_lab.architectures import (Architecture, architecture, head_parameter_names, out_features,  # noqa: F401
+                                    transformer_blocks, weight_matrix)
 from llmk_lab.compression import COMPRESSION, CompressionMethod
 from llmk_lab.errors import UserError, check
 from llmk_lab.pruned_bert import PRUNED_BERT, pruned_config
+from llmk_lab.surgery import drop_blocks, remove_heads, remove_neurons
 
 KEY = "compression.method=structured"
 
 # Config builders of the model types named by `Heads.saved_as`: model type -> f(config, query heads kept).
 SAVED_AS = {PRUNED_BERT: pruned_config}
 
-
-def drop_blocks(model: nn.Module, blocks: nn.ModuleList, drop: set[int]) -> None:
-    """Remove the blocks at indices `drop` for good: the list renumbers (saved keys stay contiguous), the
-    attention modules' cache positions follow, and the config describes the shorter stack, so
-    `from_pretrained` reloads it."""
-    for index in sorted(drop, reverse=True):
-        del blocks[index]
-    for index, block in enumerate(blocks):
-        for module in block.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = index  # caches are indexed by position
-    model.config.num_hidden_layers = len(blocks)
-    if isinstance(getattr(model.config, "layer_types", None), list):
-        model.config.layer_types = [t for i, t in enumerate(model.config.layer_types) if i not in drop]
 
 @dataclass
 class StructuredConfig:
@@ -90,49 +76,6 @@ class StructuredConfig:
                   "a count >= 0 or a list of layer indices >= 0")
 
 
-def sliced(linear: nn.Module, index: torch.Tensor, dim: int) -> nn.Module:
-    """A smaller Linear (or transformers Conv1D) keeping `index` of its outputs (dim 0) or inputs (dim 1)."""
-    conv1d = isinstance(linear, Conv1D)  # stores W^T: outputs are its columns
-    weight = linear.weight.detach()
-    weight = weight.index_select(1 - dim if conv1d else dim, index.to(weight.device)).clone()
-    if conv1d:
-        new = Conv1D(weight.shape[1], weight.shape[0]).to(device=weight.device, dtype=weight.dtype)
-    else:
-        out_features, in_features = weight.shape
-        new = nn.Linear(in_features, out_features, bias=linear.bias is not None,
-                        device=weight.device, dtype=weight.dtype)
-    new.weight.data.copy_(weight)
-    if linear.bias is not None:
-        bias = linear.bias.detach()
-        new.bias.data.copy_(bias.index_select(0, index.to(bias.device)) if dim == 0 else bias)
-    new.weight.requires_grad_(linear.weight.requires_grad)
-    return new
-
-
-def _head_rows(heads: list[int], size: int) -> torch.Tensor:
-    return torch.cat([torch.arange(h * size, (h + 1) * size) for h in heads])
-
-
-def remove_heads(block: nn.Module, keep: list[int], arch: Architecture) -> None:
-    """Keep only the query heads `keep` of a block's attention, and the key/value heads serving them."""
-    attention = arch.attention(block, KEY)
-    keep = sorted(keep)
-    group = attention.heads // attention.kv_heads
-    kv_keep = sorted({h // group for h in keep})
-    rows, kv_rows = _head_rows(keep, attention.size), _head_rows(kv_keep, attention.size)
-    for (parent, name), index in ((attention.q, rows), (attention.k, kv_rows), (attention.v, kv_rows)):
-        setattr(parent, name, sliced(getattr(parent, name), index, 0))
-    parent, name = attention.o
-    setattr(parent, name, sliced(getattr(parent, name), rows, 1))
-    layout = attention.layout
-    for attr in layout.count:
-        setattr(attention.module, attr, len(keep))
-    for attr in layout.width:
-        setattr(attention.module, attr, len(keep) * attention.size)
-    if layout.groups:
-        setattr(attention.module, layout.groups, len(keep) // len(kv_keep))
-
-
 def head_pools(heads: int, kv_heads: int) -> int:
     """Size of the sets of heads each losing its lowest: the whole layer where every head has its own keys and
     values, the query heads sharing one key/value head under grouped-query attention."""
@@ -142,14 +85,6 @@ def head_pools(heads: int, kv_heads: int) -> int:
 def _ffn(block: nn.Module, arch: Architecture) -> tuple[list[tuple[nn.Module, str]], tuple[nn.Module, str]]:
     """(layers whose outputs are the neurons, layer whose inputs are the neurons) of a block."""
     return arch.ffn(block, KEY)
-
-
-def remove_neurons(block: nn.Module, keep: torch.Tensor, arch: Architecture) -> None:
-    ins, (out_parent, out_name) = _ffn(block, arch)
-    keep = keep.sort().values
-    for parent, name in ins:
-        setattr(parent, name, sliced(getattr(parent, name), keep, 0))
-    setattr(out_parent, out_name, sliced(getattr(out_parent, out_name), keep, 1))
 
 
 def head_l1(block: nn.Module, arch: Architecture) -> torch.Tensor:
@@ -240,8 +175,6 @@ def with_fitted_head(model: nn.Module, task, batches: list[dict]) -> nn.Module:
     heads and neurons look important, depends on the head's random seed. Fitting the head first (as a linear
     probe, to its optimum) scores the pretrained body by what it offers the task."""
     import copy
-
-    from llmk_lab.peft import head_parameter_names
 
     scorer = copy.deepcopy(model)
     head = set(head_parameter_names(scorer, task))
@@ -334,7 +267,7 @@ class StructuredPruning(CompressionMethod):
                     keep = sorted(start + h for start in range(0, heads, pool)
                                   for h in score[start:start + pool].topk(pool - removed).indices.tolist())
                     report["heads_removed"][str(i)] = sorted(set(range(heads)) - set(keep))
-                    remove_heads(block, keep, arch)
+                    remove_heads(block, keep, arch, KEY)
                 self._record_heads(model, attention, kept, kv_heads if pool < heads else kept)
             if s.neuron_ratio > 0:
                 ins, _ = _ffn(blocks[0], arch)
@@ -342,7 +275,7 @@ class StructuredPruning(CompressionMethod):
                 kept_neurons = width - round(s.neuron_ratio * width)
                 for i, block in enumerate(blocks):
                     score = neuron_scores[i] if neuron_scores is not None else neuron_l1(block, arch)
-                    remove_neurons(block, score.topk(kept_neurons).indices, arch)
+                    remove_neurons(block, score.topk(kept_neurons).indices, arch, KEY)
                 setattr(model.config, arch.family.ffn_width_key, kept_neurons)
                 report["neurons_per_layer"] = [width, kept_neurons]
         if drop:

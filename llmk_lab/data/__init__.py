@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from llmk_lab.errors import InvalidValue, UserError
+from llmk_lab.tasks import TASKS
 
 SPLITS = ("train", "validation", "test")
 
@@ -66,8 +67,6 @@ def load_data(cfg) -> RawData:
     """Load the dataset named by `cfg.name`, apply limits, and check it is usable."""
     if cfg.name not in DATASETS:
         raise InvalidValue("data.name", cfg.name, f"one of {sorted(DATASETS)}")
-    from llmk_lab.tasks import TASKS  # tasks import nothing from here; late import keeps the packages independent
-
     raw = DATASETS[cfg.name].load(cfg)
     if cfg.task is not None and cfg.task != raw.task:
         raw.task = cfg.task

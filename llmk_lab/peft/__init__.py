@@ -11,8 +11,8 @@ from typing import Any, Optional
 
 from torch import nn
 
-from llmk_lab.architectures import (LINEAR_TYPES, architecture, head_modules, matching_modules,  # noqa: F401
-                                    name_matcher)
+from llmk_lab.architectures import (LINEAR_TYPES, architecture, head_modules, head_parameter_names,  # noqa: F401
+                                    matching_modules, name_matcher)
 from llmk_lab.errors import UserError
 from llmk_lab.registry import Registry, import_submodules
 
@@ -44,6 +44,12 @@ class PeftStrategy:
 
     def __init__(self, settings: Any):
         self.settings = settings
+
+    @property
+    def target_modules(self) -> Optional[Any]:
+        """The layers the user pointed the strategy at (`peft.target_modules`), or None: its default (for
+        strategies without the setting, always)."""
+        return None
 
     def apply(self, model: nn.Module, ctx) -> nn.Module:
         """Freeze / wrap `model`; return the model to train."""
@@ -83,20 +89,6 @@ PEFT: Registry[PeftStrategy] = Registry("peft")
 # The forms of `adapter/` (`PeftStrategy.adapter_format`, and the `format` in its llmk_lab.json).
 PEFT_FOLDER = "peft"
 TRAINED_TENSORS = "trained_tensors"
-
-
-def head_parameter_names(model: nn.Module, task) -> list[str]:
-    """Parameters of the task head (always trained): the task's head modules and the family's extra ones.
-
-    A head tied to the input embeddings (causal LMs) shares their tensor, which carries the
-    embeddings' name: training that head trains the embeddings, as tying means."""
-    heads = head_modules(model, task.head_modules)
-    canonical = {id(p): n for n, p in model.named_parameters()}
-    names = sorted({canonical[id(p)] for name, module in model.named_children() if name in heads
-                    for p in module.parameters()})
-    if not names:
-        raise UserError(f"model {type(model).__name__} has no task head named one of {heads}")
-    return names
 
 
 def train_only(model: nn.Module, trainable: set[str]) -> None:

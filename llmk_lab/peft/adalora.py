@@ -17,7 +17,7 @@ import pytorch_lightning as pl
 import torch
 from peft import AdaLoraConfig as PeftAdaLoraConfig
 
-from llmk_lab.compression.masks import masked_update_forward, route_masked_updates
+from llmk_lab.masks import masked_update_forward, route_masked_updates
 from llmk_lab.errors import UserError, check
 from llmk_lab.architectures import architecture
 from llmk_lab.peft import PEFT, resolve_targets
@@ -163,6 +163,11 @@ class RankAllocation(pl.Callback):
 class AdaLoRA(PeftLibraryStrategy):
     masks_its_update = True
     reads_whole_gradients = True  # the rank allocator scores each update from its weight and gradient
+
+    @property
+    def target_modules(self) -> Optional[Any]:
+        return self.settings.target_modules
+
     def apply(self, model, ctx):
         s = self.settings
         config = PeftAdaLoraConfig(

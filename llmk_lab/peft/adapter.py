@@ -107,6 +107,11 @@ class BottleneckAdapters(PeftStrategy):
     wraps_model = True
     finds_layers_by_role = True
 
+
+    @property
+    def target_modules(self) -> Optional[Any]:
+        return self.settings.target_modules
+
     def apply(self, model, ctx):
         sites = insert_adapters(model, self.settings)
         trainable = {n for n, _ in model.named_parameters() if f".{ADAPTER}." in n}

@@ -51,6 +51,11 @@ class IA3(PeftLibraryStrategy):
                            feedforward_modules=feedforward)
         return wrap(model, config)
 
+
+    @property
+    def target_modules(self) -> Optional[Any]:
+        return self.settings.target_modules
+
     def no_decay_parameter_names(self, model):
         # The scaling vectors start at 1 (identity); AdamW's decay would pull them toward 0, i.e. toward
         # switching the scaled keys, values and activations off.

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
-from llmk_lab.compression.masks import MASK, masked_update_forward, route_masked_updates
+from llmk_lab.masks import MASK, masked_update_forward, route_masked_updates
 from llmk_lab.errors import UserError, check
 from llmk_lab.architectures import architecture
 from llmk_lab.peft import PEFT, PEFT_FOLDER, PeftStrategy, resolve_targets
@@ -102,6 +102,11 @@ class PeftLibraryStrategy(PeftStrategy):
 class LoRA(PeftLibraryStrategy):
     masks_its_update = True
     trains_over_4bit_base = True
+
+    @property
+    def target_modules(self) -> Optional[Any]:
+        return self.settings.target_modules
+
     def apply(self, model, ctx):
         s = self.settings
         config = PeftLoraConfig(

@@ -94,10 +94,3 @@ def write_report(sweep_dir: Path | str, optimized_metric: Optional[str] = None, 
 
         log_to_wandb(result, logger_cfg or {}, info.get("group") or sweep_group(sweep_dir), sweep_dir)
     return result
-
-
-def main(argv=None) -> int:
-    """The command line (`llmk_lab.report.cli`)."""
-    from llmk_lab.report.cli import main as cli_main
-
-    return cli_main(argv)

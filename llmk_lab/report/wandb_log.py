@@ -11,6 +11,7 @@ from typing import Any
 
 from llmk_lab.report.pareto import TRADE_OFFS, trade_off_key
 from llmk_lab.report.tables import csv_header
+from llmk_lab.tracking import wandb_mode
 
 
 def report_run_id(group: str) -> str:
@@ -21,8 +22,6 @@ def report_run_id(group: str) -> str:
 def log_to_wandb(result, logger_cfg: dict, group: str, sweep_dir: Path) -> None:
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
-
-    from llmk_lab.tracking import wandb_mode
 
     header = [c for c in csv_header(result.columns, result.metrics) if c != "job_dirs"]
     table = wandb.Table(columns=header, data=[[r.get(k) for k in header] for r in result.rows])

@@ -12,13 +12,13 @@ from typing import Any
 
 from torch import nn
 
+from llmk_lab.architectures import transformer_blocks
+
 # Parameter names below the blocks: the embeddings, and prompt/prefix tuning's virtual tokens (input-side).
 INPUT_SIDE = ("embed", "prompt_encoder", "wte", "wpe")
 
 
 def blocks_of(model: nn.Module) -> nn.ModuleList:
-    from llmk_lab.architectures import transformer_blocks  # the one module that knows where blocks are
-
     return transformer_blocks(model)
 
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmk_lab.errors import UserError
-from llmk_lab.quantized_base import dequantized_weight, is_4bit
+from llmk_lab.quantized_base import dequantized, dequantized_weight, is_4bit, is_4bit_weight
 
 MASK = "llmk_mask"
 
@@ -233,10 +233,22 @@ def load_pruned_base(base_model: nn.Module, directory) -> nn.Module:
     return base_model
 
 
+def stored_values(tensor: torch.Tensor) -> torch.Tensor:
+    """The values a (possibly quantised) weight stores, as a plain tensor: the int8 data of torchao's
+    tensor subclasses (`qdata`) and of torch.ao quantised tensors (`int_repr`), the tensor itself otherwise.
+    Quantisation is symmetric, so a pruned (zero) weight is a zero here too."""
+    if getattr(tensor, "is_quantized", False):
+        return tensor.int_repr()
+    if is_4bit_weight(tensor):  # a QLoRA base: the NF4 values (NF4 has an exact zero)
+        return dequantized(tensor)
+    if type(tensor) not in (torch.Tensor, nn.Parameter) and hasattr(tensor, "qdata"):
+        return tensor.qdata
+    return tensor.detach()
+
+
 def sparsity_report(model: nn.Module, modules: dict[str, nn.Module] | None = None) -> dict:
     """Fraction of zero weights per layer and over all the given (default: masked) layers."""
     modules = masked_linears(model) if modules is None else modules
-    from llmk_lab.measure import stored_values
 
     per_layer, zeros, total = {}, 0, 0
     for name, module in modules.items():
