@@ -112,11 +112,11 @@ def stages(overrides: list[str], repeats: int) -> dict:
     """Full runs in this process; the share of their time spent after training, from their own timings."""
     from hydra import compose, initialize_config_dir
 
-    import llmk_lab.registry
+    import llmk_lab.light_schemas
     from llmk_lab.cli import config_dir
     from llmk_lab.run import run
 
-    llmk_lab.registry.register_all()
+    llmk_lab.light_schemas.register_all()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["logger=none", *overrides])
     runs = []

@@ -125,7 +125,8 @@ def main() -> None:
         print(f"  identical quantised weights: {agree / total:.4%} of {total:,}; largest difference {largest_gap:.3g}")
     for size in (1, 4):
         batch = {"input_ids": torch.cat([b["input_ids"] for b in batches])[:size]}
-        times = interleaved_latency({"float": float_model, "packed": model}, batch, args.latency_repeats)
+        times = interleaved_latency({"float": float_model, "packed": model}, {"float": batch, "packed": batch},
+                                    args.latency_repeats)
         print(f"  latency, batch {size} x {batch['input_ids'].shape[1]} tokens: float {1000 * times['float']:.0f} ms, "
               f"packed {args.bits}-bit {1000 * times['packed']:.0f} ms ({times['float'] / times['packed']:.2f}x "
               "the float speed; dequantised on the fly)")

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from hydra import compose, initialize_config_dir
 
-import llmk_lab.registry
+import llmk_lab.light_schemas
 from llmk_lab.cli import config_dir
 from llmk_lab.context import RunContext
 from llmk_lab.data import load_data
@@ -89,7 +89,7 @@ class _FixedSteps:
 
 
 def compose_settings(overrides: list[str]):
-    llmk_lab.registry.register_all()
+    llmk_lab.light_schemas.register_all()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         return plan(compose(config_name="config", overrides=["logger=none", "export.checkpoint=false",
                                                              *overrides]))

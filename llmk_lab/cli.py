@@ -21,7 +21,7 @@ from llmk_lab.errors import UserError
 from llmk_lab.hardware import job_dir, run_dir_for_rank, shared_fingerprint
 from llmk_lab.manifest import write_json
 from llmk_lab.paths import config_dir
-from llmk_lab.registry import check_values_lightly, register_all
+from llmk_lab.light_schemas import check_values_lightly, register_all
 from llmk_lab.sweep import completed_metrics, config_fingerprint, job_name, mark_completed, sweep_group
 
 log = logging.getLogger("llmk_lab")

@@ -19,15 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
-from llmk_lab.console import quiet_libraries
+from llmk_lab.console import figure_text, quiet_libraries
 from llmk_lab.errors import UserError
-from llmk_lab.export import (INPUT_KEYS, LM_TASKS, finished_model_dir, load_exported, load_reference, model_outputs,
-                             read_info)
-from llmk_lab.measure import parameter_counts
+from llmk_lab.export import finished_model_dir, load_exported, load_reference, model_outputs, read_info
+from llmk_lab.measure import interleaved_latency, parameter_counts
+from llmk_lab.tasks import INPUT_KEYS, task_class
 
 
 def _load(folder: Path, info: dict):
@@ -56,41 +55,6 @@ def _weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".bin", ".pt"))
 
 
-def _latency(models: dict, batches: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per batch of each model, alternating the order so machine noise hits both alike."""
-    import statistics
-
-    import torch
-
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with torch.inference_mode():
-        for name, model in models.items():  # warm-up
-            model(**batches[name])
-        order = list(models)
-        for r in range(repeats):
-            for name in (order if r % 2 == 0 else order[::-1]):
-                start = time.perf_counter()
-                models[name](**batches[name])
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def _agreement_and_kl(task: str, a, b, labels=None) -> dict[str, float]:
-    import torch
-    import torch.nn.functional as F
-
-    if task in LM_TASKS:
-        return {"agreement": float(torch.isclose(a, b, rtol=1e-4, atol=1e-5).double().mean()),
-                "perplexity_ratio": float(torch.exp(b.mean()) / torch.exp(a.mean()))}
-    if task == "token_classification" and labels is not None:
-        scored = labels != -100
-        a, b = a[scored], b[scored]
-    if a.shape[:-1] != b.shape[:-1] or a.shape[-1] != b.shape[-1]:
-        raise UserError(f"the runs predict different things: outputs {tuple(a.shape)} vs {tuple(b.shape)}")
-    kl = F.kl_div(F.log_softmax(b, -1), F.log_softmax(a, -1), log_target=True, reduction="none").sum(-1)
-    return {"agreement": float((a.argmax(-1) == b.argmax(-1)).double().mean()), "mean_kl": float(kl.mean())}
-
-
 def compare(run_a: Path, run_b: Path, repeats: int = 10, batch_size: int = 32) -> dict[str, Any]:
     folder_a, folder_b = finished_model_dir(run_a), finished_model_dir(run_b)
     info_a, info_b = read_info(folder_a), read_info(folder_b)
@@ -107,7 +71,9 @@ def compare(run_a: Path, run_b: Path, repeats: int = 10, batch_size: int = 32) -
     out_b = model_outputs(model_b, task, inputs_b)
     result: dict[str, Any] = {"run_a": str(run_a), "run_b": str(run_b), "task": task,
                               "examples": int(len(inputs_a["input_ids"]))}
-    result.update(_agreement_and_kl(task, out_a, out_b, inputs_a.get("labels")))
+    if out_a.shape != out_b.shape:
+        raise UserError(f"the runs predict different things: outputs {tuple(out_a.shape)} vs {tuple(out_b.shape)}")
+    result.update(task_class(task).comparison(out_a, out_b, inputs_a.get("labels")))
     metrics_a = json.loads((folder_a.parent / "metrics.json").read_text())
     metrics_b = json.loads((folder_b.parent / "metrics.json").read_text())
     result["metrics"] = {k: {"a": metrics_a[k], "b": metrics_b[k], "b_minus_a": metrics_b[k] - metrics_a[k]}
@@ -118,10 +84,10 @@ def compare(run_a: Path, run_b: Path, repeats: int = 10, batch_size: int = 32) -
     result.update({"size/bytes_a": bytes_a, "size/bytes_b": bytes_b, "size/ratio": bytes_b / bytes_a,
                    "params/nonzero_a": nz_a, "params/nonzero_b": nz_b, "params/nonzero_ratio": nz_b / nz_a,
                    "params/total_a": total_a, "params/total_b": total_b})
-    batch_rows = 1 if task in LM_TASKS else batch_size
+    batch_rows = 1 if task_class(task).scores == "text" else batch_size
     batches = {"a": {k: v[:batch_rows] for k, v in inputs_a.items() if k in INPUT_KEYS},
                "b": {k: v[:batch_rows] for k, v in inputs_b.items() if k in INPUT_KEYS}}
-    seconds = _latency({"a": model_a, "b": model_b}, batches, repeats)
+    seconds = interleaved_latency({"a": model_a, "b": model_b}, batches, repeats)
     import torch
 
     result.update({"latency/batch_size": int(len(batches["a"]["input_ids"])), "latency/threads": torch.get_num_threads(),
@@ -131,25 +97,20 @@ def compare(run_a: Path, run_b: Path, repeats: int = 10, batch_size: int = 32) -
 
 
 def table(result: dict[str, Any]) -> str:
-    def fmt(value: Any) -> str:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return str(value)
-        return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
-
     rows = [("A", result["run_a"]), ("B", result["run_b"]), ("task", result["task"]),
             ("inputs (A's test split)", result["examples"]), ("agreement", result["agreement"])]
     for key in ("mean_kl", "perplexity_ratio"):
         if key in result:
             rows.append((f"{key} (A || B)" if key == "mean_kl" else key, result[key]))
     for key, values in result["metrics"].items():
-        rows.append((f"{key}  A / B / B-A", f"{fmt(values['a'])} / {fmt(values['b'])} / {values['b_minus_a']:+.4f}"))
+        rows.append((f"{key}  A / B / B-A", f"{figure_text(values['a'])} / {figure_text(values['b'])} / {values['b_minus_a']:+.4f}"))
     rows += [("size ratio B/A (weight files)", result["size/ratio"]),
              ("non-zero parameters B/A", result["params/nonzero_ratio"]),
              (f"latency ratio B/A (batch {result['latency/batch_size']}, {result['latency/threads']} threads)",
               result["latency/ratio"]),
              ("latency ms A / B", f"{result['latency/ms_a']:.2f} / {result['latency/ms_b']:.2f}")]
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {fmt(v)}" for k, v in rows)
+    return "\n".join(f"  {k:<{width}}  {figure_text(v)}" for k, v in rows)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -157,3 +157,11 @@ def _epoch_text(trainer, current_epoch: int) -> str:
     if trainer.max_epochs is not None and trainer.max_epochs > 0:
         text += f"/{trainer.max_epochs}"
     return text
+
+
+def figure_text(value) -> str:
+    """A figure as the end-of-run and comparison tables print it: counts with thousands separators, other
+    numbers to 4 decimals, anything else as it is."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"

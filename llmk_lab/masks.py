@@ -233,6 +233,12 @@ def load_pruned_base(base_model: nn.Module, directory) -> nn.Module:
     return base_model
 
 
+def is_packed_int8_linear(module: nn.Module) -> bool:
+    """torch.ao's dynamic int8 Linear: it keeps its weight packed (`_packed_params`), outside `parameters()`,
+    and hands it out through a `weight()` method."""
+    return hasattr(module, "_packed_params") and callable(getattr(module, "weight", None))
+
+
 def stored_values(tensor: torch.Tensor) -> torch.Tensor:
     """The values a (possibly quantised) weight stores, as a plain tensor: the int8 data of torchao's
     tensor subclasses (`qdata`) and of torch.ao quantised tensors (`int_repr`), the tensor itself otherwise.

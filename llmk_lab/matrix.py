@@ -154,7 +154,7 @@ def hydra_session():
         return
     from hydra import initialize_config_dir
 
-    from llmk_lab.registry import register_all
+    from llmk_lab.light_schemas import register_all
     from llmk_lab.cli import config_dir
 
     register_all()

@@ -15,7 +15,7 @@ from torch import nn
 from llmk_lab.compression import FINE_TUNED
 from llmk_lab.compression.low_bit import PackedLinear
 from llmk_lab.compression.weight_sharing import untie_shared_weights
-from llmk_lab.masks import stored_values
+from llmk_lab.masks import is_packed_int8_linear, stored_values
 from llmk_lab.quantized_base import float_merge, has_4bit_base
 
 
@@ -25,7 +25,7 @@ def packed_weights(model: nn.Module):
     for name, module in model.named_modules():
         if isinstance(module, PackedLinear):
             yield f"{name}.weight", module.dequantized_weight()
-        elif hasattr(module, "_packed_params") and callable(getattr(module, "weight", None)):
+        elif is_packed_int8_linear(module):
             yield f"{name}.weight", module.weight()
             bias = module.bias() if callable(getattr(module, "bias", None)) else None
             if bias is not None:
@@ -168,19 +168,22 @@ def _fixed_batch(datamodule, batch_size: int) -> dict[str, torch.Tensor]:
 
 
 @torch.inference_mode()
-def interleaved_latency(models: dict[str, nn.Module], batch: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per batch of each model, timed in alternation so machine noise hits all alike."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    for model in models.values():
+@torch.inference_mode()
+def interleaved_latency(models: dict[str, nn.Module], batches: dict[str, dict], repeats: int,
+                        warmup: int = 2) -> dict[str, float]:
+    """Median seconds per batch of each model on its batch (`batches[name]`), timed in alternation and in
+    alternating order, so machine noise hits all alike."""
+    inputs = {name: {k: v for k, v in batch.items() if k != "labels"} for name, batch in batches.items()}
+    for name, model in models.items():
         model.eval()
         for _ in range(warmup):
-            model(**inputs)
+            model(**inputs[name])
     times: dict[str, list[float]] = {name: [] for name in models}
     order = list(models)
     for r in range(repeats):
         for name in (order if r % 2 == 0 else order[::-1]):
             start = time.perf_counter()
-            models[name](**inputs)
+            models[name](**inputs[name])
             times[name].append(time.perf_counter() - start)
     return {name: float(np.median(t)) for name, t in times.items()}
 
@@ -192,7 +195,8 @@ def latency_figures(compressed: nn.Module, dense: nn.Module, datamodule, batch_s
                                "latency/warmup": warmup, "latency/batch_sizes": list(batch_sizes)}
     for size in batch_sizes:
         batch = _fixed_batch(datamodule, size)
-        seconds = interleaved_latency({"dense": dense, "compressed": compressed}, batch, repeats, warmup)
+        seconds = interleaved_latency({"dense": dense, "compressed": compressed},
+                                      {"dense": batch, "compressed": batch}, repeats, warmup)
         figures[f"latency/bs{size}/tokens"] = int(batch["input_ids"].numel())  # padded positions computed
         for name, s in seconds.items():
             figures[f"latency/bs{size}/{name}_ms"] = 1000 * s
@@ -203,26 +207,21 @@ def latency_figures(compressed: nn.Module, dense: nn.Module, datamodule, batch_s
 
 @torch.inference_mode()
 def fidelity_figures(compressed: nn.Module, dense: nn.Module, task, loader) -> dict[str, float]:
-    """Agreement of predictions and mean KL(dense || compressed) on a split, plus the dense model's task metrics."""
-    import torch.nn.functional as F
-
-    agree = total = 0
-    kl_sum = 0.0
+    """How close the compressed model's outputs stay to the dense model's on a split, as the task measures it
+    (`Task.fidelity_sums`: agreement of predictions and mean KL(dense || compressed) for class scores), plus the
+    dense model's task metrics."""
+    sums: dict[str, float] = {}
+    total = 0
     reference_metrics = task.metrics()
     for batch in loader:
         dense_out, small_out = dense(**batch), compressed(**batch)
         task.update_metrics(reference_metrics, batch, dense_out)
-        d, c = task.logits(dense_out).float(), task.logits(small_out).float()
-        labels = batch.get("labels")
-        valid = (labels != -100) if labels is not None and labels.shape == d.shape[:-1] else \
-            torch.ones(d.shape[:-1], dtype=torch.bool)
-        d, c = d[valid], c[valid]
-        agree += int((d.argmax(-1) == c.argmax(-1)).sum())
-        total += d.shape[0]
-        kl_sum += float(F.kl_div(F.log_softmax(c, -1), F.log_softmax(d, -1), log_target=True,
-                                 reduction="sum"))
-    figures = {"fidelity/agreement": agree / total if total else float("nan"),
-               "fidelity/mean_kl": kl_sum / total if total else float("nan")}
+        batch_sums, count = task.fidelity_sums(task.logits(dense_out).float(), task.logits(small_out).float(),
+                                               batch.get("labels"))
+        for name, value in batch_sums.items():
+            sums[name] = sums.get(name, 0.0) + value
+        total += count
+    figures = {f"fidelity/{name}": value / total if total else float("nan") for name, value in sums.items()}
     figures.update({f"reference/test/{k}": v for k, v in task.compute_metrics(reference_metrics).items()})
     return figures
 

@@ -1,7 +1,7 @@
 """What the run predicted on its test split, taken from the test stage itself.
 
 The export checks (`export.export_model`) compare the exported model with the run's own outputs on the
-first `REFERENCE_EXAMPLES` test examples, and `reference/test.safetensors` keeps those outputs.
+first test examples (the task's `reference_size`), and `reference/test.safetensors` keeps those outputs.
 They are the test stage's: `TaskModule.test_step` hands each batch's outputs to a `RecordedTestOutputs`,
 so the trained model goes over the test split once and the export runs only the reloaded copy. Where the
 test stage's outputs are not what a float32 pass of the trained model gives, the export runs the trained
@@ -12,107 +12,54 @@ or a task whose evaluation keeps no per-example logits (causal and masked LM sco
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional
+
+import torch
 
 from llmk_lab.errors import UserError
+from llmk_lab.tasks import INPUT_KEYS, Task, task_class
 
-if TYPE_CHECKING:  # torch is imported where it is used: `llmk_lab.export` imports this module at start-up
-    import torch
 
-# Tasks whose test-stage outputs are the reference's (logits per example or per token, as
-# `model_outputs` gives them).
-RECORDED_TASKS = ("sequence_classification", "token_classification")
 FULL_PRECISION = ("32-true", "32")
 FROM_TEST_STAGE = "test stage"
 REFERENCE_FILE = Path("reference") / "test.safetensors"
-# Test examples whose outputs the run keeps (classification and NER: the default test split is 1,000);
-# causal LM: windows, each scored by its mean token NLL.
-REFERENCE_EXAMPLES = 1000
-REFERENCE_WINDOWS = 16
 # Reference examples the run checks the reloaded model/ on: whole test batches spread over the lengths
-# (`reference.check_subset`), one evaluation batch by default. The stored reference keeps them all, and
-# `python -m llmk_lab.export RUN_DIR` checks every one; in the run, a pass over all of them would cost as
-# much as the test stage itself.
+# (`reference.check_subset`), one evaluation batch by default. The stored reference keeps them all (how many:
+# the task's `reference_size`), and `python -m llmk_lab.export RUN_DIR` checks every one; in the run, a pass
+# over all of them would cost as much as the test stage itself.
 CHECK_EXAMPLES = 128
-# Tasks whose outputs the reference stores and predictions are checked on.
-CHECKED_TASKS = ("sequence_classification", "token_classification", "causal_lm", "masked_lm", "masked_lm_nsp")
-# Language-model tasks: the reference holds a few windows, each scored by its mean token NLL.
-LM_TASKS = ("causal_lm", "masked_lm", "masked_lm_nsp")
-MASKED_LM_TASKS = ("masked_lm", "masked_lm_nsp")
-INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 # ----------------------------------------------------------------------------- what the run predicted
 
-def reference_inputs(task, tokenizer, examples: list[dict], limit: Optional[int] = None) -> dict:
-    """The first `limit` test examples as one padded batch of tensors (with their labels)."""
-    import torch
-
-    if limit is None:
-        limit = REFERENCE_WINDOWS if task.registered_name in LM_TASKS else REFERENCE_EXAMPLES
-    examples = examples[:limit]
-    if task.registered_name == "causal_lm":
-        ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])
-        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    features = [{k: e[k] for k in INPUT_KEYS if k in e} for e in examples]
-    batch = dict(tokenizer.pad(features, padding="longest", return_tensors="pt"))
-    width = batch["input_ids"].shape[1]
-    labels = []
-    for e in examples:
-        label = e.get("labels")
-        if isinstance(label, (list, tuple)) or getattr(label, "ndim", 0):  # per token: pad with -100
-            label = list(label) + [-100] * (width - len(label))
-        labels.append(label)
-    batch["labels"] = torch.tensor(labels)
-    return {k: v for k, v in batch.items() if k in (*INPUT_KEYS, "labels")}
+def reference_inputs(task: Task, tokenizer, examples: list[dict], limit: Optional[int] = None) -> dict:
+    """The first `limit` test examples (default: the task's `reference_size`) as one batch of tensors, with
+    their labels."""
+    return task.reference_batch(tokenizer, examples[:task.reference_size if limit is None else limit])
 
 
 def model_outputs(model, task_name: str, inputs: dict, batch_size: int = 64):
-    """Logits (classification, NER) or mean token NLL per window (causal LM; masked LM: over its masked
-    tokens), on CPU, in batches."""
-    import torch
-
+    """What the reference keeps of the model's outputs (the task's `example_outputs`: logits for classification
+    and NER, the mean token NLL of each window for language models), on CPU, in batches."""
+    task = task_class(task_name)
     model = model.eval()
     device = next(model.parameters()).device
-    feed = {k: v for k, v in inputs.items() if k in INPUT_KEYS}
-    if task_name in LM_TASKS:
+    if task.scores == "text":
         batch_size = 1  # windows are long and the vocabulary large: one window's logits at a time
     outputs = []
     with torch.inference_mode():
-        for start in range(0, len(feed["input_ids"]), batch_size):
-            batch = {k: v[start:start + batch_size].to(device) for k, v in feed.items()}
-            out = model(**batch)
+        for start in range(0, len(inputs["input_ids"]), batch_size):
+            batch = {k: v[start:start + batch_size].to(device) for k, v in inputs.items()}
+            out = model(**{k: v for k, v in batch.items() if k in INPUT_KEYS})
             # BERT's pretraining heads (masked LM + NSP) call the token scores prediction_logits.
             logits = (out.logits if "logits" in out else out["prediction_logits"]).float()
-            if task_name in MASKED_LM_TASKS:
-                labels = inputs["labels"][start:start + batch_size].to(device)
-                logits = logits[:, -labels.shape[1]:]
-                nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
-                                                        reduction="none").sum(-1)
-                outputs.append((nll / (labels != -100).sum(-1).clamp_min(1)).double().cpu())
-            elif task_name == "causal_lm":
-                ids = batch["input_ids"]
-                logits = logits[:, -ids.shape[1]:]  # prompt tuning puts virtual tokens in front
-                nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:],
-                                                        reduction="none").mean(-1)
-                outputs.append(nll.double().cpu())
-            else:
-                outputs.append(logits.cpu())
+            outputs.append(task.example_outputs(logits, batch).cpu())
     return torch.cat(outputs)
 
 
 def agreement(task_name: str, ours, theirs, labels=None) -> dict[str, float]:
-    """How far two models' outputs on the same inputs are apart: identical predictions, largest difference."""
-    import torch
-
-    if task_name in LM_TASKS:
-        return {"agreement": float(torch.isclose(ours, theirs, rtol=1e-4, atol=1e-5).double().mean()),
-                "max_abs_diff": float((ours - theirs).abs().max())}
-    same, gap = ours.argmax(-1) == theirs.argmax(-1), (ours - theirs).abs()
-    if task_name == "token_classification" and labels is not None:
-        read = labels != -100  # the words' first sub-tokens: where a tag is read (padding is not)
-        same, gap = same[read], gap[read]
-    return {"agreement": float(same.double().mean()), "max_abs_diff": float(gap.max())}
+    """How far two models' outputs on the same inputs are apart (the task's `agreement`)."""
+    return task_class(task_name).agreement(ours, theirs, labels)
 
 
 def save_reference(run_dir: Path, inputs: dict, outputs, task_name: str) -> Path:
@@ -151,8 +98,6 @@ class RecordedTestOutputs:
         self.refusal = refusal
 
     def add(self, batch: dict, outputs: Any) -> None:
-        import torch
-
         if self.refusal is not None:
             return
         logits = getattr(outputs, "logits", None)
@@ -179,8 +124,6 @@ class RecordedTestOutputs:
     def outputs(self, inputs: dict, model) -> tuple[Optional[torch.Tensor], Optional[str]]:
         """The recorded outputs laid out as `inputs` (the reference batch; per-token logits at its attended
         positions, zero at padding), or None and why not."""
-        import torch
-
         n = len(inputs["input_ids"])
         if self.refusal is not None:
             return None, self.refusal
@@ -202,12 +145,12 @@ class RecordedTestOutputs:
 
 def record_test_stage(ctx, trainer, limit: Optional[int] = None) -> RecordedTestOutputs:
     """What `TaskModule.test_step` records the test stage's outputs into for the export's reference (the
-    first `limit` test examples, default `REFERENCE_EXAMPLES`), refusing up front where they would
+    first `limit` test examples, default the task's `reference_size`), refusing up front where they would
     not be a float32 pass of the whole model over the examples."""
     settings = ctx.settings
-    limit = REFERENCE_EXAMPLES if limit is None else limit
+    limit = ctx.task.reference_size if limit is None else limit
     refusal = None
-    if ctx.task.registered_name not in RECORDED_TASKS:
+    if not ctx.task.test_stage_keeps_outputs:
         refusal = f"the {ctx.task.registered_name} evaluation keeps no per-example logits"
     elif str(settings.hardware.precision) not in FULL_PRECISION:
         refusal = f"hardware.precision={settings.hardware.precision}: the test stage is not a float32 pass"
@@ -241,8 +184,6 @@ def outputs_by_length(model, task_name: str, inputs: dict, batch_size: int = 64)
     """`model_outputs` in batches of examples of similar length, each batch cut to the positions
     its examples attend: the same outputs as one batch padded to the longest example (padding is masked),
     for the padded work of the evaluation loader. Per-token outputs are zero at padding."""
-    import torch
-
     mask = inputs.get("attention_mask")
     if mask is None or bool(mask.all()):  # nothing padded (LM windows)
         return model_outputs(model, task_name, inputs, batch_size)
@@ -275,8 +216,6 @@ def check_subset(inputs: dict, batch_size: int, examples: int) -> Optional["torc
     int8 activation scales, is checked on the very batches it was tested on), holding at least `examples`
     examples spread over the length order (the middle batch of each of as many equal stretches); None
     when that is every batch."""
-    import torch
-
     n = len(inputs["input_ids"])
     mask = inputs.get("attention_mask")
     padded = mask is not None and not bool(mask.all())

@@ -27,6 +27,7 @@ from llmk_lab.context import RunContext
 from llmk_lab.data import load_data
 from llmk_lab.data.module import TaskDataModule
 from llmk_lab.errors import UserError
+from llmk_lab.export import export_adapter, export_model
 from llmk_lab.lm_evaluation import run_lm_eval
 from llmk_lab.manifest import build_manifest, write_json
 from llmk_lab.masks import MaskKeeper, masked_linears, sparsity_report
@@ -35,7 +36,8 @@ from llmk_lab.measure import (compression_figures, deployed, keep_fitted_referen
 from llmk_lab.models import load_model, load_tokenizer
 from llmk_lab.module import TaskModule, ThroughputMonitor
 from llmk_lab.peft import PeftStrategy
-from llmk_lab.plan import plan
+from llmk_lab.plan import Plan, plan
+from llmk_lab.reference import record_test_stage
 from llmk_lab.quantized_base import quantize_base
 from llmk_lab.sweep import config_fingerprint
 from llmk_lab.tasks import get_task, optimized_metric
@@ -114,8 +116,6 @@ def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict
         hardware.save_checkpoint(trainer, path)  # an FSDP run's processes saved it together (leave_distributed)
         written["checkpoint"] = str(path)
     if settings.export.adapter:
-        from llmk_lab.export import export_adapter  # adapter/ where it reproduces the run, checked like model/
-
         written.update(export_adapter(ctx, strategy))
     if settings.export.merged:
         merged = deployed(ctx, strategy)  # plan() refused export.merged for unmergeable strategies
@@ -126,8 +126,6 @@ def export(ctx: RunContext, strategy: PeftStrategy, trainer: pl.Trainer) -> dict
         written["merged"] = str(run_dir / "merged")
         ctx.reports["export/merged_max_logit_diff"] = merged_logit_gap(ctx, run_dir / "merged")
     if settings.export.model:
-        from llmk_lab.export import export_model  # model/ and reference/, each checked against the run
-
         written.update(export_model(ctx, strategy))
     return written
 
@@ -214,37 +212,57 @@ class PostTrainingStages:
 
 
 # What the console table shows; metrics.json has every figure.
-SUMMARY_KEYS = ("acc", "macro_f1", "f1", "perplexity")
 SUMMARY_FIGURES = ("sparsity/requested", "sparsity/pruned_layers", "sparsity/after_merge", "params/trainable",
                    "params/total", "params/trainable_fraction", "size/ratio", "latency/bs32/speedup",
                    "fidelity/agreement", "train/examples_per_s", "train/peak_memory_mb", "wall_time_s")
 
 
-def summary_table(metrics: dict[str, Any]) -> str:
-    keys = [f"{stage}/{name}" for stage in ("val", "test") for name in SUMMARY_KEYS] + list(SUMMARY_FIGURES)
+def summary_table(metrics: dict[str, Any], task) -> str:
+    keys = [f"{stage}/{name}" for stage in ("val", "test") for name in task.summary_metrics] + list(SUMMARY_FIGURES)
     rows = [(k, metrics[k]) for k in keys if k in metrics]
     rows.append(("run_dir", metrics["run_dir"]))
     width = max(len(k) for k, _ in rows)
 
-    def fmt(value: Any) -> str:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return str(value)
-        return f"{value:,}" if isinstance(value, int) else f"{value:.4f}"
-
-    return "\n".join(f"  {k:<{width}}  {fmt(v)}" for k, v in rows)
+    return "\n".join(f"  {k:<{width}}  {console.figure_text(v)}" for k, v in rows)
 
 
 def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[str] = None,
         overrides: Optional[list[str]] = None) -> dict[str, Any]:
+    """The stages of a run, in order; each is a function below."""
     started = time.perf_counter()
-    # 0. validate everything before doing anything expensive
-    p = plan(cfg)
+    p = plan(cfg)  # 0. every value and combination checked before anything expensive
     console.quiet_libraries()  # each thing said once: no per-load bars or reports that repeat our own lines
     settings = p.settings
     hardware.prepare(settings.hardware)  # the hardware asked for is there; torch threads (threads=auto)
     pl.seed_everything(settings.seed, workers=True, verbose=False)
+    ctx, raw, model_info = load_inputs(cfg, p, run_dir, overrides)  # 1-3. data, model, manifest
+    compress_before_fit(ctx, p)  # 4. one-shot compression
+    adapt(ctx, p)  # 5. the PEFT strategy (over a 4-bit base for QLoRA)
+    callbacks, throughput = build_module(ctx, p)  # 6. the Lightning module and its callbacks
+    loggers = tracking.build_loggers(settings.logger, run_dir, run_name, group,
+                                     OmegaConf.to_container(cfg, resolve=True))
+    failed = True
+    try:
+        trainer = build_trainer(settings, loggers, callbacks, run_dir)
+        metrics = fit(ctx, trainer, callbacks, throughput, config_fingerprint(cfg))
+        # 7-9. post-training stages; what is measured is on disk before each stage that can still fail
+        stages = PostTrainingStages(run_dir, metrics, ctx, p.methods, raw, ctx.datamodule, started)
+        after_fit_and_measure(stages, ctx, p, trainer, model_info)
+        with stages.stage("export"):
+            metrics["exports"] = export(ctx, p.strategy, trainer)
+        stages.finish()
+        jobs.discard_resume_checkpoint(run_dir)
+        tracking.log_summary(loggers, metrics)
+        failed = False
+    finally:
+        tracking.finish(loggers, failed=failed)
+    log.info("results (every figure: %s)\n%s", run_dir / "metrics.json", summary_table(metrics, ctx.task))
+    return metrics
 
-    # 2-3. data and model
+
+def load_inputs(cfg: DictConfig, p: Plan, run_dir: Path, overrides: Optional[list[str]]):
+    """Data, tokenizer and model, checked against every step; then the manifest and the resolved config."""
+    settings = p.settings
     raw = load_data(settings.data)
     task = get_task(raw.task, raw.labels)
     tokenizer = load_tokenizer(settings.model)
@@ -257,38 +275,47 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
     # (a chain's distillation teacher trains in its before_fit).
     for method in p.methods:
         method.check_model(model)
-
-    # 1. manifest (after the assets are resolved, so their checksums are known)
+    # The manifest after the assets are resolved, so their checksums are known.
     write_json(run_dir / "manifest.json", build_manifest(settings.seed, overrides or [], {"model": model_info},
                                                          raw.source))
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     ctx = RunContext(settings=settings, run_dir=run_dir, task=task, tokenizer=tokenizer, model=model,
                      datamodule=datamodule)
     ctx.reports["optimized_metric"] = optimized_metric(settings.optimized_metric, task)  # what sweeps rank by
+    return ctx, raw, model_info
 
-    # 4. one-shot compression; the uncompressed model (1x the weights) is kept only when something compresses
-    # and a figure compares with it or a step starts from it
-    wants_uncompressed = needs_reference(settings.measure) or any(m.reads_uncompressed_model for m in p.methods)
+
+def compress_before_fit(ctx: RunContext, p: Plan) -> None:
+    """The one-shot steps. The uncompressed model (1x the weights) is kept only when something compresses and
+    a figure compares with it or a step starts from it."""
+    measure = ctx.settings.measure
+    wants_uncompressed = needs_reference(measure) or any(m.reads_uncompressed_model for m in p.methods)
     if wants_uncompressed and any(m.dense_reference for m in p.methods):
-        ctx.dense_model, ctx.reports["measure/reference"] = copy.deepcopy(model), AS_LOADED
+        ctx.dense_model, ctx.reports["measure/reference"] = copy.deepcopy(ctx.model), AS_LOADED
     for method in p.methods:
         method.before_fit(ctx)
-    if ctx.dense_model is not None and not needs_reference(settings.measure):
+    if ctx.dense_model is not None and not needs_reference(measure):
         # No figure compares with it (the methods before fit, e.g. a distillation teacher, have had it).
         ctx.dense_model = None
         ctx.reports.pop("measure/reference", None)
 
-    # QLoRA: the (compressed) base's block linears stored in 4-bit NF4 before LoRA wraps them.
-    if settings.model.quantize_base is not None:
-        ctx.reports["quantized_base"] = {**quantize_base(ctx.model, settings.model.quantize_base),
-                                         "merged_export": "float: the 4-bit base dequantised plus the update"}
 
-    # 5. adaptation; pruning masks are kept through it (a low-rank update over pruned weights masks itself)
+def adapt(ctx: RunContext, p: Plan) -> None:
+    """The PEFT strategy; pruning masks are kept through it (a low-rank update over pruned weights masks itself).
+    QLoRA: the (compressed) base's block linears are stored in 4-bit NF4 before LoRA wraps them."""
+    quantize = ctx.settings.model.quantize_base
+    if quantize is not None:
+        ctx.reports["quantized_base"] = {**quantize_base(ctx.model, quantize),
+                                         "merged_export": "float: the 4-bit base dequantised plus the update"}
     ctx.model = p.strategy.apply(ctx.model, ctx)
 
-    # 6. fit
+
+def build_module(ctx: RunContext, p: Plan) -> tuple[list, ThroughputMonitor]:
+    """The Lightning module with every method's loss term, and the callbacks of the strategy, the methods,
+    the job (divergence, resumable checkpoints) and checkpoint selection."""
+    settings = ctx.settings
     loss_terms = [term for term in (m.loss_term(ctx) for m in p.methods) if term is not None]
-    ctx.module = TaskModule(ctx.model, task, settings.train, loss_terms)
+    ctx.module = TaskModule(ctx.model, ctx.task, settings.train, loss_terms)
     ctx.module.no_decay_names = p.strategy.no_decay_parameter_names(ctx.model)
     throughput = ThroughputMonitor()
     callbacks = [throughput, console.progress_bar(), *p.strategy.callbacks(ctx)]
@@ -296,75 +323,63 @@ def run(cfg: DictConfig, run_dir: Path, run_name: str = "run", group: Optional[s
         callbacks.append(MaskKeeper(ctx.model))
     for method in p.methods:
         callbacks.extend(method.callbacks(ctx))
-    callbacks.extend(jobs.job_callbacks(settings, run_dir))  # stop on a diverged loss; resumable checkpoints
-    callbacks.extend(selection_callbacks(settings.train, run_dir))  # train.monitor: best checkpoint, early stopping
-    loggers = tracking.build_loggers(settings.logger, run_dir, run_name, group,
-                                     OmegaConf.to_container(cfg, resolve=True))
-    failed = True
-    try:
-        trainer = build_trainer(settings, loggers, callbacks, run_dir)
-        if settings.measure.before_fit:
-            # The compressed (and adapter-wrapped: a fresh LoRA update is zero) model before any training step.
-            before = evaluate(trainer, ctx.module, datamodule)
-            ctx.reports.update({f"before_fit/{key}": value for key, value in before.items()})
-        # Pretrained models load in eval mode; Lightning keeps each submodule's
-        # mode, so switch to train mode explicitly (dropout on).
-        ctx.module.train()
-        fit_started = time.perf_counter()
-        resume_from = jobs.checkpoint_to_resume(settings, run_dir, config_fingerprint(cfg))
-        trainer.fit(ctx.module, datamodule=datamodule, ckpt_path=resume_from)
-        fit_seconds = time.perf_counter() - fit_started
-        train_figures = {"train/examples_per_s": throughput.examples_per_second,
-                         "train/peak_memory_mb": peak_memory_mb(), "train/examples": throughput.examples,
-                         "train/steps": trainer.global_step, "train/seconds": throughput.seconds,
-                         # examples per optimiser step, over every process of a distributed run
-                         "train/effective_batch_size": (settings.train.batch_size * trainer.world_size
-                                                        * settings.train.accumulate_grad_batches),
-                         "train/world_size": trainer.world_size, "time/fit_s": fit_seconds}
-        train_figures.update(restore_best(ctx.module, trainer, callbacks))  # the selected weights from here on
-        if ctx.module.adversary is not None:
-            train_figures.update(ctx.module.adversary.figures())
+    callbacks.extend(jobs.job_callbacks(settings, ctx.run_dir))  # stop on a diverged loss; resumable checkpoints
+    callbacks.extend(selection_callbacks(settings.train, ctx.run_dir))  # train.monitor: best checkpoint, early stop
+    return callbacks, throughput
 
-        # 7-9. post-training stages; what is measured is on disk before each stage that can still fail
-        metrics: dict[str, Any] = dict(train_figures)
-        stages = PostTrainingStages(run_dir, metrics, ctx, p.methods, raw, datamodule, started)
-        with stages.stage("after_fit"):
-            keep_fitted_reference(ctx, p.methods, p.strategy)
-            for method in p.methods:
-                method.after_fit(ctx)
 
-        # 8. evaluate and measure
-        with stages.stage("evaluate"):
-            if settings.export.model:  # the test stage's outputs are the export's reference (llmk_lab.reference)
-                from llmk_lab.reference import record_test_stage
+def fit(ctx: RunContext, trainer: pl.Trainer, callbacks: list, throughput: ThroughputMonitor,
+        fingerprint: str) -> dict[str, Any]:
+    """Training (resumed from the job's checkpoint where there is one), and what it measured."""
+    settings = ctx.settings
+    if settings.measure.before_fit:
+        # The compressed (and adapter-wrapped: a fresh LoRA update is zero) model before any training step.
+        before = evaluate(trainer, ctx.module, ctx.datamodule)
+        ctx.reports.update({f"before_fit/{key}": value for key, value in before.items()})
+    # Pretrained models load in eval mode; Lightning keeps each submodule's mode, so switch to train mode
+    # explicitly (dropout on).
+    ctx.module.train()
+    fit_started = time.perf_counter()
+    resume_from = jobs.checkpoint_to_resume(settings, ctx.run_dir, fingerprint)
+    trainer.fit(ctx.module, datamodule=ctx.datamodule, ckpt_path=resume_from)
+    figures = {"train/examples_per_s": throughput.examples_per_second, "train/peak_memory_mb": peak_memory_mb(),
+               "train/examples": throughput.examples, "train/steps": trainer.global_step,
+               "train/seconds": throughput.seconds,
+               # examples per optimiser step, over every process of a distributed run
+               "train/effective_batch_size": (settings.train.batch_size * trainer.world_size
+                                              * settings.train.accumulate_grad_batches),
+               "train/world_size": trainer.world_size, "time/fit_s": time.perf_counter() - fit_started}
+    figures.update(restore_best(ctx.module, trainer, callbacks))  # the selected weights from here on
+    if ctx.module.adversary is not None:
+        figures.update(ctx.module.adversary.figures())
+    return figures
 
-                ctx.module.test_outputs = record_test_stage(ctx, trainer)
-            metrics.update(evaluate(trainer, ctx.module, datamodule))
-        # A distributed run's other ranks end here (an FSDP run's after gathering its model onto rank zero and
-        # saving the checkpoint with it); rank zero goes on alone.
-        hardware.leave_distributed(trainer, final_checkpoint(settings, run_dir))
-        if settings.eval.lm_eval.tasks:
-            with stages.stage("lm_eval"):
-                metrics.update(run_lm_eval(ctx.model, ctx.tokenizer, settings.eval.lm_eval, run_dir))
-        with stages.stage("parameter_counts"):
-            params = parameter_counts(ctx.model)
-            metrics.update({f"params/{k}": v for k, v in params.items()})
-        with stages.stage("sparsity"):
-            metrics.update(measure_sparsity(ctx, p.strategy, p.methods))
-        if ctx.dense_model is not None:
-            with stages.stage("compression_figures"):
-                metrics.update(compression_figures(ctx, p.strategy,
-                                                   reference_measures(ctx, model_info, settings.measure)))
-            ctx.dense_model = None  # nothing after the figures compares with it
 
-        # 9. export and log
-        with stages.stage("export"):
-            metrics["exports"] = export(ctx, p.strategy, trainer)
-        stages.finish()
-        jobs.discard_resume_checkpoint(run_dir)
-        tracking.log_summary(loggers, metrics)
-        failed = False
-    finally:
-        tracking.finish(loggers, failed=failed)
-    log.info("results (every figure: %s)\n%s", run_dir / "metrics.json", summary_table(metrics))
-    return metrics
+def after_fit_and_measure(stages: "PostTrainingStages", ctx: RunContext, p: Plan, trainer: pl.Trainer,
+                          model_info: dict) -> None:
+    """Compression after training, then evaluation and every measured figure, each stage on disk before the
+    next one can fail."""
+    settings, metrics = ctx.settings, stages.metrics
+    with stages.stage("after_fit"):
+        keep_fitted_reference(ctx, p.methods, p.strategy)
+        for method in p.methods:
+            method.after_fit(ctx)
+    with stages.stage("evaluate"):
+        if settings.export.model:  # the test stage's outputs are the export's reference (llmk_lab.reference)
+            ctx.module.test_outputs = record_test_stage(ctx, trainer)
+        metrics.update(evaluate(trainer, ctx.module, ctx.datamodule))
+    # A distributed run's other ranks end here (an FSDP run's after gathering its model onto rank zero and
+    # saving the checkpoint with it); rank zero goes on alone.
+    hardware.leave_distributed(trainer, final_checkpoint(settings, ctx.run_dir))
+    if settings.eval.lm_eval.tasks:
+        with stages.stage("lm_eval"):
+            metrics.update(run_lm_eval(ctx.model, ctx.tokenizer, settings.eval.lm_eval, ctx.run_dir))
+    with stages.stage("parameter_counts"):
+        metrics.update({f"params/{k}": v for k, v in parameter_counts(ctx.model).items()})
+    with stages.stage("sparsity"):
+        metrics.update(measure_sparsity(ctx, p.strategy, p.methods))
+    if ctx.dense_model is not None:
+        with stages.stage("compression_figures"):
+            metrics.update(compression_figures(ctx, p.strategy,
+                                               reference_measures(ctx, model_info, settings.measure)))
+        ctx.dense_model = None  # nothing after the figures compares with it

@@ -18,10 +18,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import llmk_lab.registry
+import llmk_lab.light_schemas
 from llmk_lab.cli import config_dir
 
-llmk_lab.registry.register_all()
+llmk_lab.light_schemas.register_all()
 ROOT = Path(__file__).resolve().parent.parent
 
 

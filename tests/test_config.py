@@ -104,7 +104,7 @@ def test_every_group_option_passes_the_light_value_check_with_its_defaults():
     """The light check runs each schema's `__post_init__` without its module (before torch is imported):
     a check that reads a module global would refuse every run of that option."""
     from llmk_lab.cli import config_dir
-    from llmk_lab.registry import check_values_lightly
+    from llmk_lab.light_schemas import check_values_lightly
 
     conf = Path(config_dir())
     for group in ("peft", "compression"):
@@ -114,7 +114,7 @@ def test_every_group_option_passes_the_light_value_check_with_its_defaults():
 
 def test_light_value_check_refuses_a_bad_adapter_activation_in_one_line():
     from llmk_lab.errors import UserError
-    from llmk_lab.registry import check_values_lightly
+    from llmk_lab.light_schemas import check_values_lightly
 
     with pytest.raises(UserError, match="activation.*swish.*gelu"):
         check_values_lightly(compose_config(["peft=adapter", "peft.activation=swish"]))

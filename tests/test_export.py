@@ -456,7 +456,7 @@ def base_without_pooler(tmp_path_factory):
 ])
 def test_adapters_that_cannot_reproduce_the_run_are_refused_up_front(tmp_path, request, monkeypatch, base,
                                                                      overrides, reason):
-    from llmk_lab import export as export_module
+    from llmk_lab.export import adapter as export_module
 
     def never(*args):
         raise AssertionError("a refused adapter is not written")

@@ -80,7 +80,7 @@ def test_composing_imports_no_heavy_library_and_stores_every_schema():
     import subprocess
     import sys
 
-    code = ("import sys, llmk_lab, llmk_lab.cli; from llmk_lab import registry; llmk_lab.registry.register_all();"
+    code = ("import sys, llmk_lab, llmk_lab.cli; from llmk_lab import light_schemas as registry; registry.register_all();"
             "from tests.conftest import compose_config; compose_config(['compression=wanda', 'peft=adalora']);"
             f"print([m for m in {HEAVY!r} if m in sys.modules], registry.light_fallbacks)")
     # conftest imports torch itself: compose the same way it does, without it
@@ -105,14 +105,14 @@ def _schema_signature(schema: type) -> tuple:
 def test_schemas_read_from_the_files_equal_the_registered_ones():
     """The light reading of each method file gives the very schema the method registers."""
     import llmk_lab
-    from llmk_lab import registry
+    from llmk_lab import light_schemas as registry
     from llmk_lab.compression import COMPRESSION
     from llmk_lab.peft import PEFT
 
     registry._light_cache.clear()
     registry._light_modules.clear()
     real = {"COMPRESSION": COMPRESSION, "PEFT": PEFT}
-    for package, name, group in llmk_lab.registry.SCHEMA_REGISTRIES:
+    for package, name, group in llmk_lab.light_schemas.SCHEMA_REGISTRIES:
         # Read the files as a fresh process would: with the real modules hidden from the reader.
         import sys
 
@@ -132,7 +132,7 @@ def test_schemas_read_from_the_files_equal_the_registered_ones():
 
 def test_bad_values_are_refused_by_the_light_check_with_the_full_key():
     from llmk_lab.errors import UserError
-    from llmk_lab.registry import check_values_lightly
+    from llmk_lab.light_schemas import check_values_lightly
     from tests.conftest import compose_config
 
     check_values_lightly(compose_config([]))

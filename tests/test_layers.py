@@ -113,3 +113,25 @@ def test_methods_declare_what_the_plan_reads_of_them():
             has_targets = any(f == "target_modules" for f in schema.__dataclass_fields__)
             if method.prunes_while_training:  # where the plan reads the targets
                 assert has_targets and method.target_modules is None, name
+
+
+def test_each_default_has_one_home_the_schema():
+    """A compression or PEFT option's YAML names its schema and sets only what differs from the schema's
+    defaults (magnitude_nm's 2:4), so no default is written twice."""
+    import dataclasses
+
+    import yaml
+
+    from llmk_lab.compression import COMPRESSION
+    from llmk_lab.peft import PEFT
+
+    repeated = []
+    for group, registry in (("compression", COMPRESSION), ("peft", PEFT)):
+        for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
+            node = yaml.safe_load(path.read_text()) or {}
+            schema = registry.get(node["method"]).config
+            defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                        for f in dataclasses.fields(schema)}
+            repeated += [f"{group}/{path.name}: {key}" for key, value in node.items()
+                         if key not in ("defaults", "method") and key in defaults and value == defaults[key]]
+    assert repeated == []

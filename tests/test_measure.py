@@ -76,7 +76,8 @@ def test_fidelity_of_a_model_with_itself_and_with_another():
 
 def test_interleaved_latency_times_every_model():
     batch = {"input_ids": torch.randint(0, 50, (4, 6)), "labels": torch.zeros(4, dtype=torch.long)}
-    seconds = interleaved_latency({"dense": tiny_bert(), "compressed": tiny_bert()}, batch, repeats=3, warmup=1)
+    seconds = interleaved_latency({"dense": tiny_bert(), "compressed": tiny_bert()}, {"dense": batch, "compressed": batch},
+                                  repeats=3, warmup=1)
     assert set(seconds) == {"dense", "compressed"} and all(s > 0 for s in seconds.values())
 
 

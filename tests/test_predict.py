@@ -14,6 +14,7 @@ from llmk_lab.data import load_data
 from llmk_lab.errors import UserError
 from llmk_lab.predict import TruncationWarning, bio_spans, load
 from llmk_lab.plan import plan
+from llmk_lab.tasks import task_class
 from tests.conftest import ROOT, compose_config, read_metrics, run_config
 from tests.test_data import WORDS, conll_sentences, sentence, write_conll
 from tests.test_export import FAST, topic_csv
@@ -185,7 +186,7 @@ def test_masked_lm_fills_masks_and_its_export_is_checked(tmp_path):
     # the reference keeps each test window's mean NLL over its masked tokens: together, the run's perplexity
     inputs, reference = export.load_reference(tmp_path / "run")
     counts = (inputs["labels"] != -100).sum(-1)
-    assert len(reference) == len(counts) < export.REFERENCE_WINDOWS  # every test window is in the reference
+    assert len(reference) == len(counts) < task_class("masked_lm").reference_size  # every test window: in the reference
     pooled = float((reference * counts).sum() / counts.sum())
     assert math.exp(pooled) == pytest.approx(metrics["test/perplexity"], rel=1e-4)
     predictor = load(tmp_path / "run", top_k=3)

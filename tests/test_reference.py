@@ -159,7 +159,9 @@ def test_check_subset_is_whole_test_batches_spread_over_the_lengths():
 
 
 def test_the_run_checks_model_on_a_budget_of_whole_test_batches(tmp_path, tiny, monkeypatch):
-    monkeypatch.setattr(export, "CHECK_EXAMPLES", 8)
+    from llmk_lab.export import model as model_export
+
+    monkeypatch.setattr(model_export, "CHECK_EXAMPLES", 8)  # where the model/ check reads it
     metrics = run_config(tiny + PRUNED + ["train.eval_batch_size=8"], tmp_path)
     assert metrics["export/model_checked_examples"] == 8 and metrics["export/model_agreement"] == 1.0
     _, reference = export.load_reference(tmp_path)

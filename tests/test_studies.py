@@ -74,7 +74,7 @@ def test_every_study_has_a_sweep_script_and_a_readme():
 @pytest.mark.parametrize("script", STUDIES, ids=[s.parent.name for s in STUDIES])
 def test_every_run_a_study_launches_is_planned(script, tmp_path):
     from llmk_lab.matrix import compose
-    from llmk_lab.registry import check_values_lightly
+    from llmk_lab.light_schemas import check_values_lightly
     from llmk_lab.plan import plan
 
     runs, reports = recorded_runs(script, tmp_path)

@@ -126,6 +126,10 @@ class Distillation(CompressionMethod):
 
     def before_fit(self, ctx) -> None:
         s = self.settings
+        if not ctx.task.scores_a_distribution:
+            raise UserError(f"compression.method='distillation' is not possible with task {ctx.task.registered_name!r}: "
+                            "its head's outputs are not a distribution to match with KL; allowed: a classification "
+                            "or language-model task")
         if s.teacher == "dense":
             self.teacher = finetune_dense_teacher(ctx, s)
             # The fine-tuned dense model is the uncompressed counterpart the student is measured against.

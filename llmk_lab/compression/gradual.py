@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from llmk_lab.compression import COMPRESSION, CompressionMethod, target_linears
-from llmk_lab.compression.magnitude import lowest_k_mask
+from llmk_lab.compression.one_shot import check_sparsity, layer_keep_mask
 from llmk_lab.masks import MASK, set_mask, sparsity_report
 from llmk_lab.errors import UserError, check
 
@@ -65,7 +65,7 @@ class GradualConfig:
     target_modules: Optional[Any] = None
 
     def __post_init__(self):
-        check(0 <= self.sparsity < 1, "sparsity", self.sparsity, "a number in [0, 1)")
+        check_sparsity(self.sparsity)
         check(0 <= self.initial_sparsity <= self.sparsity, "initial_sparsity", self.initial_sparsity,
               f"a number in [0, sparsity={self.sparsity}]")
         check(self.start_step >= 0, "start_step", self.start_step, "an integer >= 0")
@@ -144,10 +144,10 @@ class ScheduledPruning(pl.Callback):
             was_kept = torch.ones_like(size, dtype=torch.bool) if mask is None else mask.clone()
             scores = self.scores(name, layer).clone()
             if self.regrows:
-                self._remask(name, layer, was_kept, lowest_k_mask(scores, round(target * scores.numel())))
+                self._remask(name, layer, was_kept, layer_keep_mask(scores, target))
             else:
                 scores[~was_kept] = -torch.inf  # already pruned weights stay pruned and count first
-                set_mask(layer, lowest_k_mask(scores, round(target * scores.numel())))
+                set_mask(layer, layer_keep_mask(scores, target))
             keep = getattr(layer, MASK)
             removed = was_kept & ~keep
             removed_sum, removed_count = removed_sum + float(size[removed].sum()), removed_count + int(removed.sum())

@@ -35,14 +35,6 @@ class MagnitudeConfig(OneShotConfig):
               "'layer' with an N:M pattern (its groups are within a row; there is no global threshold)")
 
 
-def lowest_k_mask(scores: torch.Tensor, n_pruned: int) -> torch.Tensor:
-    """True where kept: all but the `n_pruned` lowest scores (ties broken by position)."""
-    mask = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if n_pruned > 0:
-        mask[torch.topk(scores.flatten(), n_pruned, largest=False).indices] = False
-    return mask.view_as(scores)
-
-
 @COMPRESSION.register("magnitude", config=MagnitudeConfig)
 class MagnitudePruning(OneShotPruning):
     @torch.no_grad()

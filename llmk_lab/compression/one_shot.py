@@ -39,7 +39,7 @@ class OneShotConfig:
     target_modules: Optional[Any] = None
 
     def __post_init__(self):
-        check(0 <= self.sparsity < 1, "sparsity", self.sparsity, "a number in [0, 1)")
+        check_sparsity(self.sparsity)
         check(self.prune_m >= 0, "prune_m", self.prune_m, "0 (unstructured) or a group size M >= 2")
         if self.prune_m == 0:
             check(self.prune_n == 0, "prune_n", self.prune_n, "0 when prune_m is 0 (unstructured)")
@@ -123,12 +123,18 @@ def row_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def layer_keep_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """True where kept: the lowest `sparsity` fraction of the whole matrix is pruned (one threshold)."""
+    """True where kept: the lowest `sparsity` fraction of the whole matrix is pruned (one threshold; ties broken
+    by position). Gradual and movement pruning cut each step's target fraction with it too."""
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     pruned = round(sparsity * scores.numel())
     if pruned:
         keep[torch.topk(scores.flatten(), pruned, largest=False).indices] = False
     return keep.view_as(scores)
+
+
+def check_sparsity(sparsity: float) -> None:
+    """The fraction of the targeted weights a pruning method removes: [0, 1) (all of them is not a model)."""
+    check(0 <= sparsity < 1, "sparsity", sparsity, "a number in [0, 1)")
 
 
 class OneShotPruning(CompressionMethod):

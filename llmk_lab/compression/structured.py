@@ -208,8 +208,9 @@ class StructuredPruning(CompressionMethod):
                               "than the base from_pretrained loads (model/ holds the shrunk model)")
 
     def refusal_with(self, strategy):
-        if self.settings.head_ratio > 0 and strategy.registered_name == "prefix":
-            return ("prefix tuning shapes its virtual keys and values by the model's full head count, and "
+        if self.settings.head_ratio > 0 and strategy.shapes_keys_by_head_count:
+            return (f"peft.method={strategy.registered_name!r} shapes its virtual keys and values by the model's full "
+                    "head count, and "
                     "compression.head_ratio>0 removes heads; use compression.head_ratio=0 or another peft method")
         return None
 

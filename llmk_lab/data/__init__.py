@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from llmk_lab.errors import InvalidValue, UserError
-from llmk_lab.tasks import TASKS
+from llmk_lab.tasks import TASKS, check_token_tags, index_labels  # noqa: F401  (the loaders' label checks)
 
 SPLITS = ("train", "validation", "test")
 
@@ -101,56 +101,6 @@ def seeded_split(examples: list, seed: int, val_size: int, test_size: int) -> di
         "validation": shuffled[test_size: test_size + val_size],
         "train": shuffled[test_size + val_size:],
     }
-
-
-def _label_order(values: set) -> list:
-    # Integer labels keep their numeric order (so 0..K-1 map to themselves); others sort as text.
-    if all(isinstance(v, (int, bool)) for v in values):
-        return sorted(values)
-    return sorted(values, key=str)
-
-
-def index_labels(splits: dict[str, list[dict]], key: str, setting: str, sequence: bool = False,
-                 known: Optional[list] = None) -> list[str]:
-    """Replace each example's label(s) by an index into the training labels; return the label names.
-
-    `sequence`: the label is a list (one tag per token). `known`: a fixed label
-    list (e.g. a dataset's declared classes) instead of the ones seen in training.
-    Labels that appear in validation/test but never in training are refused:
-    the model could never predict them.
-    """
-    def values(split: str) -> set:
-        found = set()
-        for example in splits.get(split, []):
-            found.update(example[key] if sequence else [example[key]])
-        return found
-
-    train_values = values("train")
-    labels = list(known) if known is not None else _label_order(train_values)
-    if known is None and not sequence and len(labels) < 2:
-        raise UserError(f"{setting}: the training split has only {len(labels)} distinct label(s) "
-                        f"({[str(v) for v in labels]}); classification needs at least 2")
-    for split in SPLITS:
-        unseen = values(split) - set(labels) if known is not None else values(split) - train_values
-        if unseen:
-            shown = sorted(map(str, unseen))[:5]
-            raise UserError(f"{setting}: the {split} split has label(s) {shown} that the training split never has "
-                            f"(training labels: {[str(v) for v in labels][:20]})")
-    index = {value: i for i, value in enumerate(labels)}
-    for split in splits:
-        for example in splits[split]:
-            example[key] = [index[v] for v in example[key]] if sequence else index[example[key]]
-    return [str(v) for v in labels]
-
-
-def check_token_tags(splits: dict[str, list[dict]], where: str) -> None:
-    """Every example of a token-classification split has exactly one tag per token."""
-    for split, examples in splits.items():
-        for number, example in enumerate(examples):
-            tokens, tags = example["tokens"], example["tags"]
-            if len(tokens) != len(tags):
-                raise UserError(f"{where}: {split} example {number} has {len(tags)} tags for {len(tokens)} tokens "
-                                f"(tokens start {tokens[:5]}); every token needs exactly one tag")
 
 
 # Every module of this package registers its data entries when imported.

@@ -17,17 +17,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
-from llmk_lab.data import SPLITS, RawData, check_token_tags, index_labels, register_dataset, seeded_split
+from llmk_lab.data import SPLITS, RawData, register_dataset, seeded_split
 from llmk_lab.data.wnut16 import read_conll
 from llmk_lab.errors import UserError
+from llmk_lab.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
 TABLE_FORMATS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "val", "dev", "valid"), "test": ("test",)}
-TEXT_TASKS = ("causal_lm", "masked_lm", "masked_lm_nsp")
 
 
 def _chosen(cfg) -> str:
@@ -112,10 +112,12 @@ def _require_column(dataset, column: str, setting: str, where: str) -> None:
 
 
 def examples_from_dataset(dataset, cfg, task: str, where: str) -> list[dict]:
-    """Rows of a `datasets.Dataset` as the plain examples the tasks read, checking columns and types."""
+    """Rows of a `datasets.Dataset` as the plain examples the task reads (its `example_format`), checking
+    columns and types."""
     features = dataset.features
+    example_format = TASKS.get(task, "data.task").cls.example_format
     _require_column(dataset, cfg.text_column, "text_column", where)
-    if task == "token_classification":
+    if example_format == "tagged_tokens":
         _require_column(dataset, cfg.label_column, "label_column", where)
         if not _is_text_list(features[cfg.text_column]):
             raise UserError(f"data.text_column={cfg.text_column!r} of {where} holds {features[cfg.text_column]}, "
@@ -129,7 +131,7 @@ def examples_from_dataset(dataset, cfg, task: str, where: str) -> list[dict]:
         raise UserError(f"data.text_column={cfg.text_column!r} of {where} holds "
                         f"{getattr(features[cfg.text_column], 'dtype', features[cfg.text_column])} values, not text")
     columns = {"text": cfg.text_column}
-    if task == "sequence_classification":
+    if example_format == "labelled_text":
         _require_column(dataset, cfg.label_column, "label_column", where)
         columns["label"] = cfg.label_column
         if cfg.text_pair_column:
@@ -147,7 +149,7 @@ def examples_from_dataset(dataset, cfg, task: str, where: str) -> list[dict]:
                                 f"{columns[key]!r} of {where}: row {number} is empty")
         if "label" in example and example["label"] is None:
             raise UserError(f"data.label_column={cfg.label_column!r} of {where}: row {number} has no label")
-    names = getattr(features.get(cfg.label_column), "names", None) if task == "sequence_classification" else None
+    names = getattr(features.get(cfg.label_column), "names", None) if example_format == "labelled_text" else None
     if names:
         for example in examples:
             example["label"] = names[example["label"]]
@@ -155,12 +157,8 @@ def examples_from_dataset(dataset, cfg, task: str, where: str) -> list[dict]:
 
 
 def finish(splits: dict[str, list], cfg, task: str, source: dict) -> RawData:
-    labels: Optional[list[str]] = None
-    if task == "sequence_classification":
-        labels = index_labels(splits, "label", f"data.label_column={cfg.label_column!r}")
-    elif task == "token_classification":
-        check_token_tags(splits, f"data.path={cfg.path!r}")
-        labels = index_labels(splits, "tags", f"data.label_column={cfg.label_column!r}", sequence=True)
+    """The loaded splits with their labels checked and indexed the task's way."""
+    labels = TASKS.get(task, "data.task").cls.label_names(splits, f"data.label_column={cfg.label_column!r}")
     return RawData(splits=splits, task=task, labels=labels, source=source)
 
 
@@ -232,8 +230,9 @@ def _documents_of(path: Path, cfg) -> list[dict]:
 @register_dataset("local_text", task="causal_lm")
 def load_local_text(cfg) -> RawData:
     task = cfg.task or "causal_lm"
-    if task not in TEXT_TASKS:
-        raise UserError(f"data.task={task!r} is not allowed for data.name='local_text': one of {list(TEXT_TASKS)}")
+    text_tasks = [name for name in TASKS.names() if TASKS.get(name).cls.example_format == "text"]
+    if task not in text_tasks:
+        raise UserError(f"data.task={task!r} is not allowed for data.name='local_text': one of {text_tasks}")
     files = split_files(cfg, (".txt", ".text", ".md"))
     loaded = {split: _documents_of(f, cfg) for split, f in files.items()}
     splits, how = complete_splits(loaded, cfg)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from llmk_lab import assets
-from llmk_lab.data import RawData, check_token_tags, index_labels, register_dataset, seeded_split
+from llmk_lab.data import RawData, register_dataset, seeded_split
+from llmk_lab.tasks import check_token_tags, index_labels
 from llmk_lab.errors import UserError
 
 

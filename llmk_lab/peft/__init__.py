@@ -42,6 +42,10 @@ class PeftStrategy:
     # own modules: `load_state_dict` into the base), or None (it does not; `adapter_refusal` says why).
     adapter_format: Optional[str] = None
 
+    # Whether the strategy's own tensors are shaped by the model's attention-head count (prefix tuning's virtual
+    # keys and values): removing heads (structured pruning) would leave them the wrong shape.
+    shapes_keys_by_head_count: bool = False
+
     def __init__(self, settings: Any):
         self.settings = settings
 

@@ -77,6 +77,7 @@ class VirtualTokens(PeftLibraryStrategy):
 
 @PEFT.register("prefix", config=PrefixConfig)
 class PrefixTuning(VirtualTokens):
+    shapes_keys_by_head_count = True
 
     def apply(self, model, ctx):
         s = self.settings

@@ -24,7 +24,7 @@ from torchmetrics import Metric, MetricCollection
 from transformers import AutoModelForCausalLM
 
 from llmk_lab.errors import UserError
-from llmk_lab.tasks import TASKS, Task
+from llmk_lab.tasks import TASKS, Task, loss_agreement, loss_comparison
 
 CALIBRATION_SEED = 0
 
@@ -142,9 +142,35 @@ class CausalLM(Task):
     head_modules = ("lm_head",)
     limits_count_windows = True
     scores_text_continuations = True
+    example_format = "text"
+    scores = "text"
+    reference_size = 16
+    test_stage_keeps_outputs = False
+    loss_is_label_cross_entropy = False  # the next-token loss over the window, labels shifted
     protocol = ("each split's documents joined with '\\n\\n', tokenised once, non-overlapping windows of {seqlen} "
                 "tokens, remainder dropped; perplexity = exp(total token NLL / predicted tokens) over all windows; "
                 "calibration: windows of {seqlen} tokens at random offsets (seed 0) of the training text")
+
+    @classmethod
+    def reference_batch(cls, tokenizer, examples):
+        ids = torch.stack([torch.as_tensor(e["input_ids"]) for e in examples])
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    @classmethod
+    def example_outputs(cls, logits, batch):
+        """Mean next-token NLL of each window."""
+        ids = batch["input_ids"]
+        logits = logits[:, -ids.shape[1]:]  # prompt tuning puts virtual tokens in front
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")
+        return nll.mean(-1).double()  # kept in float64, as NLL sums are
+
+    @classmethod
+    def agreement(cls, ours, theirs, labels=None):
+        return loss_agreement(ours, theirs)
+
+    @classmethod
+    def comparison(cls, a, b, labels=None):
+        return loss_comparison(a, b)
 
     def tokenize(self, tokenizer, examples, data_cfg):
         return self.tokenize_split(tokenizer, examples, data_cfg, "train")

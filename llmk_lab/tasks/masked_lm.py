@@ -30,7 +30,7 @@ from transformers import (AutoModelForMaskedLM, AutoModelForPreTraining, DataCol
                           DataCollatorForTokenClassification)
 
 from llmk_lab.errors import UserError
-from llmk_lab.tasks import TASKS, Task
+from llmk_lab.tasks import TASKS, Task, loss_agreement, loss_comparison
 from llmk_lab.tasks.causal_lm import TokenNLL
 
 SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+|\n\s*\n")
@@ -101,6 +101,27 @@ class MaskedLM(Task):
     peft_task_type = None
     primary_metric = "perplexity"
     head_modules = ("cls", "lm_head")
+    example_format = "text"
+    scores = "text"
+    reference_size = 16
+    test_stage_keeps_outputs = False
+
+    @classmethod
+    def example_outputs(cls, logits, batch):
+        """Mean NLL of each example's masked tokens (fixed at tokenisation for evaluation)."""
+        labels = batch["labels"]
+        logits = logits[:, -labels.shape[1]:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100,
+                                                reduction="none").sum(-1)
+        return (nll / (labels != -100).sum(-1).clamp_min(1)).double()  # kept in float64, as NLL sums are
+
+    @classmethod
+    def agreement(cls, ours, theirs, labels=None):
+        return loss_agreement(ours, theirs)
+
+    @classmethod
+    def comparison(cls, a, b, labels=None):
+        return loss_comparison(a, b)
     mlm_probability = 0.15
     seed = 0
     split_seed = 0
@@ -182,6 +203,7 @@ class MaskedLM(Task):
 @TASKS.register("masked_lm_nsp")
 class MaskedLMWithNSP(MaskedLM):
     auto_class = AutoModelForPreTraining
+    loss_is_label_cross_entropy = False  # plus the next-sentence loss
 
     def encode(self, tokenizer, examples, data_cfg, split):
         seed = self.split_seed + {"train": 0, "validation": 1, "test": 2}.get(split, 3)

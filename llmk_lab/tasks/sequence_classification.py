@@ -13,7 +13,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, M
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
 from llmk_lab.errors import UserError
-from llmk_lab.tasks import TASKS, Task, metric_name
+from llmk_lab.tasks import TASKS, Task, index_labels, metric_name
 
 
 @TASKS.register("sequence_classification")
@@ -21,11 +21,17 @@ class SequenceClassification(Task):
     auto_class = AutoModelForSequenceClassification
     peft_task_type = "SEQ_CLS"
     primary_metric = "acc"
+    summary_metrics = ("acc", "macro_f1")
+    onnx_export = True
 
     def __init__(self, labels=None):
         if not labels or len(labels) < 2:
             raise UserError(f"sequence classification needs at least 2 labels; the data has {labels}")
         super().__init__(labels)
+
+    @classmethod
+    def label_names(cls, splits, setting):
+        return index_labels(splits, "label", setting)
 
     @property
     def num_labels(self) -> int:

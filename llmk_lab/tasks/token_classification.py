@@ -15,7 +15,7 @@ from torchmetrics import Metric, MetricCollection
 from transformers import AutoModelForTokenClassification, DataCollatorForTokenClassification
 
 from llmk_lab.errors import UserError
-from llmk_lab.tasks import TASKS, Task, metric_name
+from llmk_lab.tasks import TASKS, Task, check_token_tags, index_labels, metric_name
 
 
 def align_labels(word_ids: list, word_labels: list[int]) -> list[int]:
@@ -83,6 +83,28 @@ class TokenClassification(Task):
     auto_class = AutoModelForTokenClassification
     peft_task_type = "TOKEN_CLS"
     primary_metric = "f1"
+    summary_metrics = ("macro_f1", "f1")
+    example_format = "tagged_tokens"
+    scores = "token"
+
+    @classmethod
+    def label_names(cls, splits, setting):
+        check_token_tags(splits, setting)
+        return index_labels(splits, "tags", setting, sequence=True)
+
+    @classmethod
+    def agreement(cls, ours, theirs, labels=None):
+        same, gap = ours.argmax(-1) == theirs.argmax(-1), (ours - theirs).abs()
+        if labels is not None:
+            read = labels != -100  # the words' first sub-tokens: where a tag is read (padding is not)
+            same, gap = same[read], gap[read]
+        return {"agreement": float(same.double().mean()), "max_abs_diff": float(gap.max())}
+
+    @classmethod
+    def comparison(cls, a, b, labels=None):
+        if labels is not None:  # the words' first sub-tokens
+            a, b = a[labels != -100], b[labels != -100]
+        return super().comparison(a, b)
 
     def model_kwargs(self):
         return {"num_labels": len(self.labels), "id2label": dict(enumerate(self.labels)),

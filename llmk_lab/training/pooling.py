@@ -30,7 +30,6 @@ from llmk_lab.errors import UserError
 
 POOLINGS = ("model", "cls", "mean", "max", "last_token")
 LAYER_MIXES = ("last", "last_k", "scalar_mix")
-TASKS = ("sequence_classification", "token_classification")
 HEAD_NAME = "cross_layer_head"
 # The model's own head modules, bypassed by the new head (BERT: pooler + classifier; decoders: score).
 REPLACED = re.compile(r"(^|\.)(classifier|score|pooler|pre_classifier)(\.|$)")
@@ -132,10 +131,12 @@ def _replace_head_outputs(module, args, kwargs, output):
 def attach(model: nn.Module, task, train_cfg) -> CrossLayerHead:
     """Give `model` (after its PEFT strategy) the cross-layer head the config asks for."""
     name = task.registered_name
-    if name not in TASKS:
-        raise UserError(f"train.pooling={train_cfg.pooling!r} / train.layer_mix={train_cfg.layer_mix!r} is for "
-                        f"the task head of {list(TASKS)}; task {name!r} has none (allowed: the defaults, model/last)")
-    token_level = name == "token_classification"
+    # The new head scores classes per sequence or per token with a cross-entropy loss of its own.
+    if task.scores not in ("sequence", "token") or not task.loss_is_label_cross_entropy:
+        raise UserError(f"train.pooling={train_cfg.pooling!r} / train.layer_mix={train_cfg.layer_mix!r} is for a "
+                        "classification head (a class per sequence or per token, cross-entropy loss); task "
+                        f"{name!r} has none (allowed: the defaults, model/last)")
+    token_level = task.scores == "token"
     if token_level and train_cfg.pooling != "model":
         raise UserError(f"train.pooling={train_cfg.pooling!r} pools a sequence into one vector; token_classification "
                         "scores every token: leave train.pooling=model and choose the layers with train.layer_mix")

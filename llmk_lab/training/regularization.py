@@ -81,14 +81,12 @@ def override_dropout(model: nn.Module, p: float) -> int:
     return count
 
 
-# Tasks whose loss is a cross-entropy over logits and `labels` (-100: ignored) of the same leading shape.
-SMOOTHABLE_TASKS = ("sequence_classification", "token_classification", "masked_lm")
-
-
 def check_label_smoothing(task, smoothing: float) -> None:
-    if smoothing and task.registered_name not in SMOOTHABLE_TASKS:
-        raise UserError(f"train.label_smoothing={smoothing} is not available for task "
-                        f"{task.registered_name!r}; allowed with {list(SMOOTHABLE_TASKS)} (or 0)")
+    """Smoothing replaces a cross-entropy over logits and `labels` (-100: ignored), the tasks that declare one."""
+    if smoothing and not task.loss_is_label_cross_entropy:
+        raise UserError(f"train.label_smoothing={smoothing} is not available for task {task.registered_name!r}: its "
+                        "loss is not a cross-entropy against the labels alone; allowed: 0, or a task whose loss is "
+                        "(sequence_classification, token_classification, masked_lm)")
 
 
 def smoothed_loss(logits: torch.Tensor, labels: torch.Tensor, smoothing: float) -> torch.Tensor:
