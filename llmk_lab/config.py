@@ -39,6 +39,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check(bool(self.name_or_path) or self.from_config is not None, "name_or_path", self.name_or_path,
               "a model path, hub id or asset:NAME (or set model.from_config)")
+        # A model built from a config loads no weights: a path set beside it would be silently ignored.
+        check(not (self.name_or_path and self.from_config is not None), "name_or_path", self.name_or_path,
+              "null while model.from_config is set (that model is built with random weights and loads nothing); "
+              "set model.from_config=null to load this path")
         check(self.quantize_base in (None, "nf4"), "quantize_base", self.quantize_base,
               "null (a float base) or nf4 (QLoRA's 4-bit NormalFloat base)")
 

@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import re
 import sys
 import typing
 from pathlib import Path
@@ -165,6 +166,9 @@ def config_error_line(err: BaseException, conf: Optional[Path] = None) -> Option
     if isinstance(cause, ValidationError) and getattr(cause, "full_key", None):
         return wrong_type_line(cause)
     first = str(err).splitlines()[0] if str(err) else ""
+    null_node = re.search(r"full_key: (\S+)", str(err)) if isinstance(err, AttributeError) else None
+    if null_node and "'NoneType' object has no attribute" in first:
+        return mapping_into_null_line(null_node.group(1), conf)
     if first.startswith("Ambiguous value for argument"):
         argument = first.removeprefix("Ambiguous value for argument").strip().strip("'")
         return (f"{argument}: comma-separated values are a sweep: add -m to run one job per value "
@@ -174,6 +178,24 @@ def config_error_line(err: BaseException, conf: Optional[Path] = None) -> Option
         parts = [line.strip() for line in str(err).splitlines() if line.strip()]
         return " ".join(parts)
     return None
+
+
+def mapping_into_null_line(full_key: str, conf: Path) -> str:
+    """`model.from_config={...}` where the chosen option has `from_config: null`: Hydra merges a mapping into the
+    node and cannot merge into null. Name the options where the node is a mapping, whose keys can be set."""
+    import yaml
+
+    group, _, rest = full_key.partition(".")
+    options = []
+    for option in group_options(conf, group):
+        node = yaml.safe_load((conf / group / f"{option}.yaml").read_text(encoding="utf-8")) or {}
+        for part in rest.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            options.append(f"{group}={option}")
+    where = f"one of {options}" if options else "a config where it is one"
+    return (f"{full_key}: a mapping cannot be merged into this config's null {full_key}; start from {where} and set "
+            f"its keys (e.g. {options[0] if options else group + '=...'} {full_key}.KEY=VALUE)")
 
 
 def install() -> None:

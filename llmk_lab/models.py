@@ -5,11 +5,12 @@ model can be built from `model.from_config` for tests.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoTokenizer
+from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
 
 from llmk_lab import assets, pruned_bert
 from llmk_lab.architectures import pin_blocks
@@ -17,23 +18,55 @@ from llmk_lab.errors import UserError
 
 log = logging.getLogger(__name__)
 
-def _resolve(reference: str, key: str) -> tuple[str, str | None]:
-    """(path or hub id, asset name or None); a path that does not exist is refused here."""
+# Files a tokenizer can be loaded from (fast, sentencepiece, WordPiece, BPE): a folder with none of them has none.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+
+
+def resolve_model_reference(reference: str, key: str, needs: str = "model") -> tuple[str, str | None]:
+    """(path or hub id, asset name or None). A path that does not exist, or a local folder that lacks what
+    `needs` ("model": a config of a model type transformers knows; "tokenizer": tokenizer files), is refused
+    here in one line, before transformers fails on it with a traceback."""
     path, asset = assets.resolve(reference)
     if asset is not None:
         return path, asset
     assets.refuse_missing_model_path(reference, key)  # hub ids are `name` or `org/name`, the rest local paths
     local = Path(reference).expanduser()
-    if local.exists():
-        return str(local), None
-    return reference, None
+    if not local.exists():
+        return reference, None
+    if local.is_dir():
+        check_model_folder(local, reference, key, needs)
+    return str(local), None
+
+
+def check_model_folder(folder: Path, reference: str, key: str, needs: str) -> None:
+    if needs == "tokenizer":
+        if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+            raise UserError(f"{key}={reference!r}: the folder has no tokenizer files (one of {list(TOKENIZER_FILES)}); "
+                            "point model.tokenizer at a folder or hub id that has them")
+        if not (folder / "config.json").is_file():
+            return  # a tokenizer-only folder; AutoTokenizer reads config.json only where there is one
+    pruned_bert.register()  # a checkpoint saved after structured head pruning has this model type
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise UserError(f"{key}={reference!r}: the folder has no config.json, so it is not a Hugging Face model folder")
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UserError(f"{key}={reference!r}: config.json is not valid JSON ({err})") from None
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING and "auto_map" not in config:
+        raise UserError(f"{key}={reference!r}: config.json has model_type {model_type!r}, which this transformers "
+                        "does not know (and no auto_map for remote code); allowed: a model type transformers knows, "
+                        "e.g. bert, llama, qwen2, gemma3_text")
 
 
 def load_tokenizer(model_cfg):
     reference = model_cfg.tokenizer or model_cfg.name_or_path
     if reference is None:
         raise UserError("model.tokenizer is required when model.name_or_path is null")
-    path, _ = _resolve(reference, "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path")
+    path, _ = resolve_model_reference(reference, "model.tokenizer" if model_cfg.tokenizer else "model.name_or_path",
+                                      needs="tokenizer")
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=model_cfg.revision,
                                                   trust_remote_code=model_cfg.trust_remote_code)
@@ -55,7 +88,7 @@ def load_model(model_cfg, task, tokenizer):
         model = task.auto_class.from_config(config)
         pin_blocks(model, model_cfg.blocks)
         return model, {"from_config": dict(model_cfg.from_config)}
-    path, asset = _resolve(model_cfg.name_or_path, "model.name_or_path")
+    path, asset = resolve_model_reference(model_cfg.name_or_path, "model.name_or_path")
     pruned_bert.register()  # a checkpoint saved after structured head pruning has this model type
     try:
         model, loading = task.auto_class.from_pretrained(path, revision=model_cfg.revision, dtype=torch.float32,

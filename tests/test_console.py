@@ -151,10 +151,10 @@ def test_first_use_of_an_asset_says_what_is_fetched_and_its_size(tmp_path, monke
 
 def test_a_missing_model_path_lists_only_model_assets():
     from llmk_lab.errors import UserError
-    from llmk_lab.models import _resolve
+    from llmk_lab.models import resolve_model_reference
 
     with pytest.raises(UserError) as err:
-        _resolve("/nonexistent", "model.name_or_path")
+        resolve_model_reference("/nonexistent", "model.name_or_path")
     line = str(err.value)
     assert "minilm-l6" in line and "smollm2-135m" in line
     assert not any(data in line for data in ("movie-reviews", "wnut16", "shakespeare"))
@@ -198,3 +198,54 @@ def test_an_added_unknown_key_names_the_closest_one_too():
 
     with pytest.raises(UserError, match=r"train\.lrr: no such key in train .*did you mean train\.lr\?"):
         plan(compose_config(["+train.lrr=0.1"]))
+
+
+# ------------------------------------------------------------------ mistakes found by trying it as a new user
+
+
+def test_a_model_path_beside_a_model_built_from_a_config_is_refused_not_ignored():
+    from llmk_lab.errors import UserError
+    from llmk_lab.plan import plan
+    from tests.conftest import compose_config
+
+    with pytest.raises(UserError, match=r"model\.name_or_path='/no/such/dir' is not allowed: null while "
+                                        r"model\.from_config is set.*model\.from_config=null"):
+        plan(compose_config(["model=tiny_bert", "model.name_or_path=/no/such/dir"]))
+
+
+def test_a_folder_of_an_unknown_model_type_or_without_a_tokenizer_is_refused_in_one_line(tmp_path):
+    import json
+
+    from llmk_lab.errors import UserError
+    from llmk_lab.models import resolve_model_reference
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "no_such_architecture"}))
+    with pytest.raises(UserError, match=r"no tokenizer files"):
+        resolve_model_reference(str(folder), "model.name_or_path", needs="tokenizer")
+    (folder / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(UserError, match=r"model_type 'no_such_architecture', which this transformers does not know"):
+        resolve_model_reference(str(folder), "model.name_or_path", needs="tokenizer")
+    with pytest.raises(UserError, match=r"model_type 'no_such_architecture'"):
+        resolve_model_reference(str(folder), "model.name_or_path")
+    (folder / "config.json").unlink()
+    with pytest.raises(UserError, match=r"no config\.json"):
+        resolve_model_reference(str(folder), "model.name_or_path")
+
+
+def test_a_rank_above_a_layers_smaller_side_is_refused(tmp_path):
+    from llmk_lab.errors import UserError
+    from tests.conftest import TINY, run_config
+
+    with pytest.raises(UserError, match=r"peft\.r=100000 is not allowed: the targeted layer .* is 32 x 32, .* "
+                                        r"allowed: 1\.\.32"):
+        run_config(TINY + ["peft=lora", "peft.r=100000", "compression=none"], tmp_path)
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_a_mapping_set_into_a_null_model_config_names_the_options_that_have_one(tmp_path):
+    out = run_cli(["model.from_config={model_type: gemma3_text, hidden_size: 32}"], tmp_path)
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model=tiny_llama" in lines[0] and "model.from_config.KEY=VALUE" in lines[0], out.stderr

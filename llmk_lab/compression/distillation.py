@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from llmk_lab.compression import COMPRESSION, CompressionMethod, LossTerm
 from llmk_lab.errors import UserError, check
-from llmk_lab.models import _resolve
+from llmk_lab.models import resolve_model_reference
 from llmk_lab.module import TaskModule
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def check_labels(teacher, ctx, reference: str) -> None:
 
 
 def load_teacher(reference: str, ctx):
-    path, _ = _resolve(reference, "compression.teacher")
+    path, _ = resolve_model_reference(reference, "compression.teacher")
     try:
         # No label arguments: the teacher's own head and label names are what must match.
         teacher = ctx.task.auto_class.from_pretrained(path, dtype=torch.float32)

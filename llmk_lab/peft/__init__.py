@@ -12,7 +12,7 @@ from typing import Any, Optional
 from torch import nn
 
 from llmk_lab.architectures import (LINEAR_TYPES, architecture, head_modules, head_parameter_names,  # noqa: F401
-                                    matching_modules, name_matcher)
+                                    in_features, matching_modules, name_matcher, out_features)
 from llmk_lab.errors import UserError
 from llmk_lab.registry import Registry, import_submodules
 
@@ -93,6 +93,18 @@ PEFT: Registry[PeftStrategy] = Registry("peft")
 # The forms of `adapter/` (`PeftStrategy.adapter_format`, and the `format` in its llmk_lab.json).
 PEFT_FOLDER = "peft"
 TRAINED_TENSORS = "trained_tensors"
+
+
+def check_rank(model: nn.Module, targets: Any, rank: int, key: str) -> None:
+    """Refuse a rank above a targeted layer's smaller side: B A of rank r on a d_out x d_in layer has
+    r (d_out + d_in) parameters, more than the layer itself once r exceeds min(d_out, d_in), and no more
+    expressive than a full update."""
+    for name, layer in matching_modules(model, targets, LINEAR_TYPES).items():
+        smaller = min(in_features(layer), out_features(layer))
+        if rank > smaller:
+            raise UserError(f"{key}={rank} is not allowed: the targeted layer {name} is {out_features(layer)} x "
+                            f"{in_features(layer)}, and a rank above its smaller side is not low-rank; allowed: "
+                            f"1..{smaller} (or target other layers)")
 
 
 def train_only(model: nn.Module, trainable: set[str]) -> None:

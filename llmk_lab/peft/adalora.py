@@ -20,7 +20,7 @@ from peft import AdaLoraConfig as PeftAdaLoraConfig
 from llmk_lab.masks import masked_update_forward, route_masked_updates
 from llmk_lab.errors import UserError, check
 from llmk_lab.architectures import architecture
-from llmk_lab.peft import PEFT, resolve_targets
+from llmk_lab.peft import PEFT, check_rank, resolve_targets
 from llmk_lab.peft.lora import PeftLibraryStrategy, wrap
 
 
@@ -170,11 +170,13 @@ class AdaLoRA(PeftLibraryStrategy):
 
     def apply(self, model, ctx):
         s = self.settings
+        targets = resolve_targets(model, s.target_modules, default=architecture(model).low_rank_update_targets(model))
+        check_rank(model, targets, s.init_r, "peft.init_r")
         config = PeftAdaLoraConfig(
             task_type=ctx.task.peft_task_type, init_r=s.init_r, target_r=s.target_r, tinit=s.tinit,
             tfinal=s.tfinal, deltaT=s.deltaT, beta1=s.beta1, beta2=s.beta2, orth_reg_weight=s.orth_reg_weight,
             lora_alpha=s.alpha, lora_dropout=s.dropout,
-            target_modules=resolve_targets(model, s.target_modules, default=architecture(model).low_rank_update_targets(model)),
+            target_modules=targets,
             # peft wants the step count now; the trainer knows it only at fit start, where
             # RankAllocation sets the real one. This placeholder only passes peft's check.
             total_step=s.tinit + s.tfinal + 1,

@@ -14,7 +14,7 @@ from peft import get_peft_model
 from llmk_lab.masks import MASK, masked_update_forward, route_masked_updates
 from llmk_lab.errors import UserError, check
 from llmk_lab.architectures import architecture
-from llmk_lab.peft import PEFT, PEFT_FOLDER, PeftStrategy, resolve_targets
+from llmk_lab.peft import PEFT, PEFT_FOLDER, PeftStrategy, check_rank, resolve_targets
 from llmk_lab.quantized_base import has_4bit_base
 
 
@@ -112,9 +112,11 @@ class LoRA(PeftLibraryStrategy):
 
     def apply(self, model, ctx):
         s = self.settings
+        targets = resolve_targets(model, s.target_modules, default=architecture(model).low_rank_update_targets(model))
+        check_rank(model, targets, s.r, "peft.r")
         config = PeftLoraConfig(
             task_type=ctx.task.peft_task_type, r=s.r, lora_alpha=s.alpha, lora_dropout=s.dropout,
-            target_modules=resolve_targets(model, s.target_modules, default=architecture(model).low_rank_update_targets(model)),
+            target_modules=targets,
             use_rslora=s.use_rslora,
             use_dora=s.use_dora, bias=s.bias,
         )
