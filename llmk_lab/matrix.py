@@ -26,6 +26,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from llmk_lab import run as run_module
+from llmk_lab.compression import COMPRESSION
+from llmk_lab.compression.quantization import is_quantized
+from llmk_lab.config import DataConfig, ModelConfig
+from llmk_lab.data import load_data
+from llmk_lab.errors import UserError
+from llmk_lab.light_schemas import register_all
+from llmk_lab.masks import MASK
+from llmk_lab.models import load_model, load_tokenizer
+from llmk_lab.paths import config_dir
+from llmk_lab.peft import PEFT
+from llmk_lab.plan import plan
+from llmk_lab.registry import to_settings
+from llmk_lab.tasks import TASKS as TASK_REGISTRY, get_task
+
 # The tiny settings every cell runs with: a 2-layer, 32-wide model, a handful of optimiser steps,
 # the cost measurements (latency, size, fidelity) off, both exports on where possible.
 BASE = ["logger=none", "data.limit_train=16", "data.limit_eval=8", "train.batch_size=8", "train.eval_batch_size=8",
@@ -90,9 +105,6 @@ class Cell:
 
 
 def registered() -> tuple[list[str], list[str]]:
-    from llmk_lab.compression import COMPRESSION
-    from llmk_lab.peft import PEFT
-
     return COMPRESSION.names(), PEFT.names()
 
 
@@ -154,9 +166,6 @@ def hydra_session():
         return
     from hydra import initialize_config_dir
 
-    from llmk_lab.light_schemas import register_all
-    from llmk_lab.cli import config_dir
-
     register_all()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         _HYDRA_OPEN = True
@@ -175,9 +184,6 @@ def compose(overrides: list[str]):
 
 def refusal(cell: Cell, merged: bool) -> Optional[str]:
     """plan()'s one-line refusal of the cell, or None when it is planned to run."""
-    from llmk_lab.errors import UserError
-    from llmk_lab.plan import plan
-
     try:
         plan(compose(cell.overrides(merged)))
     except UserError as err:
@@ -220,9 +226,6 @@ def planned(cell: Cell) -> tuple[Any, Optional[str], Optional[str]]:
     """(config, refusal with both exports, refusal with the adapter export only), composing the cell once."""
     from omegaconf import open_dict
 
-    from llmk_lab.errors import UserError
-    from llmk_lab.plan import plan
-
     if cell in _PLANNED:
         return _PLANNED[cell]
     cfg = cell_config(cell)
@@ -256,12 +259,6 @@ _TASK_MODELS: dict[str, Any] = {}
 def _task_model(task: str, cfg) -> Any:
     """The task's tiny model as a run loads it (built once per task; `check_model` only reads it)."""
     if task not in _TASK_MODELS:
-        from llmk_lab.config import DataConfig, ModelConfig
-        from llmk_lab.data import load_data
-        from llmk_lab.models import load_model, load_tokenizer
-        from llmk_lab.registry import to_settings
-        from llmk_lab.tasks import get_task
-
         from omegaconf import OmegaConf
 
         plain = OmegaConf.to_container(cfg, resolve=True)
@@ -305,8 +302,6 @@ class _Capture:
         import pytorch_lightning as pl
         import torch
 
-        from llmk_lab import run as run_module
-
         capture = self
 
         class FrozenWeights(pl.Callback):
@@ -338,9 +333,6 @@ class _Capture:
 
 def run_cell(cell: Cell, workdir: Path, reference_totals: Optional[dict] = None) -> Outcome:
     """Plan the cell with both exports (else with the adapter export only), run it, check its invariants."""
-    from llmk_lab.errors import UserError
-    from llmk_lab.run import run
-
     try:
         cfg, merged_refusal, first = planned(cell)
     except Exception as err:  # noqa: BLE001 - a config that does not compose is the cell's result
@@ -354,7 +346,7 @@ def run_cell(cell: Cell, workdir: Path, reference_totals: Optional[dict] = None)
     capture = _Capture()
     try:
         with capture.installed():
-            metrics = run(cfg, run_dir)
+            metrics = run_module.run(cfg, run_dir)
     except UserError as err:
         if capture.frozen_count is None and not (run_dir / "metrics.json").exists():
             # Refused while the model was set up, before training: a property of the model's architecture
@@ -380,15 +372,12 @@ def check_cell(cell: Cell, run_dir: Path, metrics: dict, capture: _Capture, merg
     import torch
     from safetensors.torch import load_file
 
-    from llmk_lab.masks import MASK
-    from llmk_lab.tasks import TASKS
-
     problems: list[str] = []
     checks: dict[str, Any] = {}
     # 1. metrics.json exists, is complete, and holds the task metric.
     path = run_dir / "metrics.json"
     on_disk = json.loads(path.read_text()) if path.exists() else {}
-    primary = TASKS.get(cell.task).cls.primary_metric
+    primary = TASK_REGISTRY.get(cell.task).cls.primary_metric
     for key in (f"val/{primary}", f"test/{primary}"):
         if key not in on_disk:
             problems.append(f"metrics.json lacks {key}")
@@ -439,8 +428,6 @@ def check_cell(cell: Cell, run_dir: Path, metrics: dict, capture: _Capture, merg
 
 
 def ctx_quantized(ctx) -> bool:
-    from llmk_lab.compression.quantization import is_quantized
-
     return ctx is not None and is_quantized(ctx.model)
 
 

@@ -85,7 +85,7 @@ def deployed(ctx, strategy=None) -> nn.Module:
     return ctx.deployed[1]
 
 
-def _unique_state(model: nn.Module) -> dict[str, Any]:
+def unique_state(model: nn.Module) -> dict[str, Any]:
     """State dict with tensors shared between names (tied or shared weights) stored once."""
     state, seen = {}, set()
     for name, value in model.state_dict().items():
@@ -125,7 +125,7 @@ def compressed_state(model: nn.Module) -> tuple[dict[str, Any], str]:
     (quantised modules keep packed int8 weights that safetensors cannot hold).
     """
     state: dict[str, Any] = {}
-    for name, value in _unique_state(model).items():
+    for name, value in unique_state(model).items():
         if isinstance(value, torch.Tensor) and type(value) is torch.Tensor and value.is_floating_point() \
                 and value.ndim >= 2:
             encoded = bitmask_encode(value)
@@ -150,7 +150,7 @@ def saved_bytes(state: dict[str, Any], fmt: str) -> int:
 
 
 def size_figures(compressed: nn.Module, dense: nn.Module) -> dict[str, Any]:
-    dense_bytes = saved_bytes(_unique_state(dense), "safetensors")
+    dense_bytes = saved_bytes(unique_state(dense), "safetensors")
     state, fmt = compressed_state(compressed)
     small = saved_bytes(state, fmt)
     return {"size/dense_bytes": dense_bytes, "size/compressed_bytes": small, "size/compressed_format": fmt,

@@ -9,9 +9,12 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional
 
+from llmk_lab.compression import build_methods
 from llmk_lab.export.formats import ADAPTER_DIR, ADAPTER_WEIGHTS, INFO_FILE, read_info, task_info
-from llmk_lab.export.model import one_line, compare_outputs
+from llmk_lab.export.model import compare_outputs, one_line
+from llmk_lab.masks import PRUNED_BASE, save_pruned_base
 from llmk_lab.reference import CHECK_EXAMPLES, check_subset, outputs_by_length, reference_inputs
+from llmk_lab.training import pooling
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,6 @@ def export_adapter(ctx, strategy) -> dict[str, str]:
         # A refusal by design is part of the method; one found by the check is a surprise worth a warning.
         (log.info if decided_up_front else log.warning)("no adapter/ export: %s", reason)
         return {}
-    from llmk_lab.masks import PRUNED_BASE
-
     ctx.reports["export/adapter"] = str(dest)
     written = {"adapter": str(dest)}
     if (dest / PRUNED_BASE).exists():
@@ -52,9 +53,6 @@ def adapter_refusal(ctx, strategy) -> Optional[str]:
     """Why the adapter, loaded without llmk_lab onto the base `from_pretrained` gives (and the pruned layers saved
     beside it), would not be the run's model, from what the strategy, the compression methods and the settings
     declare; None when nothing says so (the check after writing it still decides)."""
-    from llmk_lab.compression import build_methods
-    from llmk_lab.training import pooling
-
     settings = ctx.settings
     reason = strategy.adapter_refusal(ctx.model)
     if reason is not None:
@@ -94,8 +92,6 @@ def _base_origin(ctx) -> dict[str, Any]:
 def _write_adapter(ctx, strategy, dest: Path) -> Optional[str]:
     """Save the adapter with what loading it needs, reload it as the README shows and compare with the run's
     test outputs; why it does not reproduce the run, or None."""
-    from llmk_lab.masks import PRUNED_BASE, save_pruned_base
-
     task, model, model_cfg = ctx.task, ctx.model, ctx.settings.model
     if not strategy.save_adapter(model, dest):
         return f"peft.method={strategy.registered_name!r} saved nothing"

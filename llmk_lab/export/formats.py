@@ -8,8 +8,10 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from llmk_lab.compression.low_bit import PER_CHANNEL, packed_layers, PackedLinear, replace_module
 from llmk_lab.errors import UserError
-from llmk_lab.masks import is_packed_int8_linear
+from llmk_lab.masks import is_packed_int8_linear, stored_values
+from llmk_lab.measure import unique_state
 
 log = logging.getLogger(__name__)
 
@@ -46,9 +48,6 @@ def linear_sparsity(model) -> dict[str, Any]:
     """Zero fraction of every linear layer's weight and over all of them: pruning's zeros must survive a
     reload. int8 layers count their stored int8 values (symmetric quantisation keeps a zero a zero)."""
     import torch
-
-    from llmk_lab.compression.low_bit import PackedLinear
-    from llmk_lab.masks import stored_values
 
     per_layer, zeros, total = {}, 0, 0
     for name, module in model.named_modules():
@@ -98,8 +97,6 @@ def _torchao_weight(module):
 def model_format(model) -> str:
     """PLAIN, TORCHAO_INT8, TORCH_AO_INT8, COMPRESSED_TENSORS or LOW_BIT_STATE: which of the folder forms
     holds this model."""
-    from llmk_lab.compression.low_bit import packed_layers
-
     modules = list(model.modules())
     packed = packed_layers(model)
     if packed:
@@ -160,10 +157,8 @@ def _save_torch_ao(model, dest: Path) -> dict[str, Any]:
 def _unique_tensors(model) -> tuple[dict[str, Any], list[str]]:
     """The state dict with tied tensors stored once (safetensors holds no shared tensors), and the names
     left out (their tensor is stored under another name; the model ties them again when built)."""
-    from llmk_lab.measure import _unique_state
-
     full = model.state_dict()
-    state = {k: v.contiguous() for k, v in _unique_state(model).items()}
+    state = {k: v.contiguous() for k, v in unique_state(model).items()}
     return state, sorted(set(full) - set(state))
 
 def _save_config(model, dest: Path) -> None:
@@ -175,8 +170,6 @@ def _save_compressed_tensors(model, dest: Path) -> dict[str, Any]:
     """compressed-tensors' `pack-quantized` folder: the packed codes and scales under the layers' names, and a
     `quantization_config` naming every packed layer with its scheme, so `from_pretrained` rebuilds them."""
     from safetensors.torch import save_file
-
-    from llmk_lab.compression.low_bit import PER_CHANNEL, packed_layers
 
     schemes: dict[tuple, list[str]] = {}
     for name, layer in packed_layers(model).items():
@@ -205,8 +198,6 @@ def _save_compressed_tensors(model, dest: Path) -> dict[str, Any]:
 def _save_low_bit_state(model, dest: Path) -> dict[str, Any]:
     """Packed layers transformers cannot rebuild: config.json and the state dict, with each layer's scheme."""
     from safetensors.torch import save_file
-
-    from llmk_lab.compression.low_bit import packed_layers
 
     dest.mkdir(parents=True, exist_ok=True)
     _save_config(model, dest)
@@ -258,8 +249,6 @@ def load_exported(folder: Path, info: Optional[dict] = None, loading_info: bool 
         return (model, []) if loading_info else model
     if info.get("format") == LOW_BIT_STATE:
         from safetensors.torch import load_file
-
-        from llmk_lab.compression.low_bit import PackedLinear, replace_module
 
         model = auto_class.from_config(transformers.AutoConfig.from_pretrained(folder))
         for name, scheme in info["low_bit_modules"].items():

@@ -9,10 +9,13 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from llmk_lab.compression.weight_sharing import untie_shared_weights
 from llmk_lab.export.formats import (INFO_FILE, MODEL_DIR, OUTPUT_TOLERANCE, not_exportable_reason, finished_model_dir,
                                      linear_sparsity, load_exported, read_info, save_model, task_info)
+from llmk_lab.measure import deployed
 from llmk_lab.reference import (CHECK_EXAMPLES, agreement, check_subset, load_reference, outputs_by_length,
                                 reference_inputs, run_outputs, save_reference)
+from llmk_lab.training import pooling
 
 log = logging.getLogger(__name__)
 
@@ -56,21 +59,13 @@ def _left_out(ctx, written: dict, reason: str) -> dict:
 def _write_model(ctx, strategy, ours, inputs) -> Optional[str]:
     """Save the deployable model to `model/`, reload it without llmk_lab and compare; the reason it is not
     a faithful export, or None."""
-    from llmk_lab.measure import deployed
-    from llmk_lab.training import pooling
-
     task, dest, train = ctx.task, ctx.run_dir / MODEL_DIR, ctx.settings.train
     if pooling.enabled(train):
         return (f"train.pooling={train.pooling!r} / train.layer_mix={train.layer_mix!r} give the model a "
                 "cross-layer head that no transformers class has (a plain model would predict with its own, "
                 "bypassed head); the Lightning checkpoint (export.checkpoint=true) holds it")
     final = deployed(ctx, strategy)  # the copy the figures measured (unmergeable: a plain copy)
-    try:  # transformers' format has no cross-layer sharing: each block saves its own copy
-        from llmk_lab.compression.weight_sharing import untie_shared_weights
-    except ImportError:
-        untie_shared_weights = None
-    if untie_shared_weights is not None:
-        untie_shared_weights(final)
+    untie_shared_weights(final)  # transformers' format has no cross-layer sharing: each block saves its own copy
     reason = not_exportable_reason(final)
     if reason is not None:
         return reason
