@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from llmk_lab.report.collection import SEED_KEYS, Job, collect_jobs, job_config_value, recorded_value
 from llmk_lab.report.pareto import pareto_front
+from llmk_lab.report.plots import plot_trade_offs
 from llmk_lab.report.statistics import aggregate, best_row, metric_keys
 from llmk_lab.report.tables import markdown, write_csv
 from llmk_lab.sweep_layout import infer_direction, read_sweep_info, sweep_group
@@ -50,8 +51,6 @@ def write_report(sweep_dir: Path | str, optimized_metric: Optional[str] = None, 
                  wandb: Optional[bool] = None, series: Optional[str] = None) -> SweepReportResult:
     """Read every job of `sweep_dir`; write report.md, report.csv and plots/ (with `series`, a swept key,
     one line per value of it); with `wandb` (None: when the jobs logged to W&B) also log them to W&B."""
-    from llmk_lab.report.plots import plot_trade_offs
-
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
         raise FileNotFoundError(f"sweep directory {sweep_dir} does not exist")
@@ -90,6 +89,8 @@ def write_report(sweep_dir: Path | str, optimized_metric: Optional[str] = None, 
     if wandb is None:
         wandb = bool(logger_cfg) and "wandb" in (logger_cfg.get("kinds") or [logger_cfg.get("kind")])
     if wandb and rows:
+        # Lazy: W&B logging goes through tracking, which imports Lightning and torch; a report without W&B
+        # (the common case, and `python -m llmk_lab.report` on a laptop) needs neither.
         from llmk_lab.report.wandb_log import log_to_wandb
 
         log_to_wandb(result, logger_cfg or {}, info.get("group") or sweep_group(sweep_dir), sweep_dir)
