@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from llmk_lab.errors import UserError
+from llmk_lab.paths import file_lock
 
 
 def cache_root() -> Path:
@@ -240,17 +240,9 @@ def asset_dir(name: str) -> Path:
     return cache_root() / "assets" / name
 
 
-@contextlib.contextmanager
 def _lock(name: str):
     """Serialise fetches of one asset across processes (parallel sweep jobs)."""
-    lock_path = cache_root() / "assets" / f"{name}.lock"
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(cache_root() / "assets" / f"{name}.lock")
 
 
 def _say(text: str) -> None:

@@ -7,6 +7,10 @@ from __future__ import annotations
 
 from typing import Any
 
+# Exit status of a job stopped by SIGTERM/SIGUSR1 after writing its resume checkpoint (128 + SIGTERM, what a
+# shell reports for a process the signal ended): schedulers and wrappers see an interrupted job, not a result.
+PREEMPTED_EXIT_CODE = 143
+
 
 class UserError(Exception):
     """Bad input: a config value, a missing file, an impossible combination."""

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from llmk_lab.hardware import decisions
+from llmk_lab.paths import write_text_atomically
 
 PACKAGES = ("llmk_lab", "torch", "transformers", "peft", "pytorch-lightning", "hydra-core", "omegaconf",
             "torchmetrics", "wandb", "safetensors", "tokenizers", "torchao", "datasets", "seqeval")
@@ -72,6 +73,5 @@ def build_manifest(seed: int, overrides: list[str], assets_used: dict[str, Any],
 
 
 def write_json(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    """Atomically: a reader (the sweep report, a resumed job) sees the old file or the new one, never half."""
+    write_text_atomically(path, json.dumps(payload, indent=2, sort_keys=False, default=str) + "\n")

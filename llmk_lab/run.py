@@ -66,7 +66,9 @@ def build_trainer(settings: RunConfig, loggers: list, callbacks: list, run_dir: 
         check_val_every_n_epoch=train.val_every_n_epochs or train.max_epochs + 1,
         num_sanity_val_steps=0, logger=loggers, callbacks=callbacks, default_root_dir=str(run_dir),
         enable_checkpointing=any(isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
-        enable_model_summary=False, deterministic="warn", **limits,
+        enable_model_summary=False, deterministic="warn",
+        # FSDP writes its sharded checkpoints itself; every other strategy through our atomic writer.
+        plugins=[] if hw.strategy == "fsdp" else [jobs.AtomicCheckpointIO()], **limits,
     )
 
 
@@ -202,7 +204,8 @@ class PostTrainingStages:
             self.metrics[f"time/{name}_s"] = time.perf_counter() - begun
         except BaseException as err:
             line = str(err).splitlines()[0] if str(err) else ""
-            self._write(failed_stage=name, error=f"{type(err).__name__}: {line}")
+            with contextlib.suppress(OSError):  # a full disk: metrics.json as written before the stage stays
+                self._write(failed_stage=name, error=f"{type(err).__name__}: {line}")
             log.error("stage %r failed; what was measured before it is in %s", name, self.run_dir / "metrics.json")
             raise
 
@@ -323,7 +326,8 @@ def build_module(ctx: RunContext, p: Plan) -> tuple[list, ThroughputMonitor]:
         callbacks.append(MaskKeeper(ctx.model))
     for method in p.methods:
         callbacks.extend(method.callbacks(ctx))
-    callbacks.extend(jobs.job_callbacks(settings, ctx.run_dir))  # stop on a diverged loss; resumable checkpoints
+    # stop on a diverged loss; checkpoints a job resumes from exactly
+    callbacks.extend(jobs.job_callbacks(settings, ctx.run_dir, ctx.datamodule))
     callbacks.extend(selection_callbacks(settings.train, ctx.run_dir))  # train.monitor: best checkpoint, early stop
     return callbacks, throughput
 

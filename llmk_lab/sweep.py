@@ -22,6 +22,7 @@ from llmk_lab.report import write_report
 # Naming of a sweep directory and its jobs lives in sweep_layout, shared with the report.
 from llmk_lab.sweep_layout import (CONTROL_KEYS, SWEEP_FILE, infer_direction, is_control_key, override_key,  # noqa: F401
                                    read_sweep_info, sweep_group)
+from llmk_lab.paths import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class SweepReport(Callback):
             "launcher": str(OmegaConf.select(hydra_cfg, "launcher._target_", default="")),
             "overrides": list(hydra_cfg.overrides.task),
         }
-        (sweep_dir / SWEEP_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        write_text_atomically(sweep_dir / SWEEP_FILE, json.dumps(info, indent=2) + "\n")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

@@ -331,7 +331,7 @@ def test_every_rank_decides_resuming_from_rank_zeros_run_dir_and_config_hash(tmp
                                train=SimpleNamespace(fast_dev_run=False))
     checkpoint = jobs.resume_checkpoint_path(tmp_path)
     checkpoint.parent.mkdir(parents=True)
-    checkpoint.write_bytes(b"state")
+    torch.save({"state": 1}, checkpoint)
     checkpoint.with_suffix(".config").write_text("rank-zero-hash")
     assert jobs.checkpoint_to_resume(settings, tmp_path, "rank-zero-hash") == str(checkpoint)  # rank zero
     monkeypatch.setenv("LOCAL_RANK", "1")

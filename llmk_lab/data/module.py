@@ -2,19 +2,19 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
-import os
-import tempfile
 import time
 from typing import Optional
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
 from llmk_lab.assets import cache_root
 from llmk_lab.data import SPLITS, RawData
+from llmk_lab.paths import file_lock, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +40,20 @@ def tokenize_cached(raw: RawData, task, tokenizer, data_cfg) -> tuple[dict[str, 
     key = cache_key(raw, task.registered_name, tokenizer, data_cfg)
     path = cache_root() / "tokenized" / f"{key}.pt"
     if path.exists():
-        return {split: _unpacked(packed) for split, packed in torch.load(path, weights_only=True).items()}, True
-    splits = {split: task.tokenize_split(tokenizer, raw.splits[split], data_cfg, split) for split in SPLITS}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write then rename, so a parallel job never reads a half-written file.
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as handle:
-        torch.save({split: _packed(examples) for split, examples in splits.items()}, handle)
-    os.replace(handle.name, path)
+        return _load_cached(path), True
+    # Two jobs started together over a fresh cache: the second waits for the first's entry instead of
+    # tokenising the same data again; the entry is written then renamed, so no reader sees half of it.
+    with file_lock(path.with_suffix(".lock")):
+        if path.exists():
+            return _load_cached(path), True
+        splits = {split: task.tokenize_split(tokenizer, raw.splits[split], data_cfg, split) for split in SPLITS}
+        write_atomically(path, lambda tmp: torch.save({split: _packed(examples) for split, examples in splits.items()},
+                                                      tmp))
     return splits, False
+
+
+def _load_cached(path) -> dict[str, list[dict]]:
+    return {split: _unpacked(packed) for split, packed in torch.load(path, weights_only=True).items()}
 
 
 def _packed(examples: list) -> dict:
@@ -83,6 +89,8 @@ class TaskDataModule(pl.LightningDataModule):
         log.info("tokenised data: %s (cache %s, %.1f s)", {k: len(v) for k, v in self.splits.items()},
                  "hit" if self.cache_hit else "miss", self.tokenize_seconds)
         self.collate = task.collator(tokenizer)
+        self.train_sampler: Optional[ResumableRandomSampler] = None
+        self._pending_order: Optional[dict] = None  # a resume checkpoint's order, restored before the loader exists
 
     def _limited(self, tokenized: dict[str, list[dict]]) -> dict[str, list[dict]]:
         """Limits counted in tokenised examples (windows) for tasks that cut a text stream."""
@@ -103,10 +111,29 @@ class TaskDataModule(pl.LightningDataModule):
         examples = self.splits[split]
         if not shuffle:
             examples = [examples[i] for i in self.eval_order(split)]
-        # A dedicated generator makes the shuffling order a function of the seed alone.
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(examples, batch_size=batch_size, shuffle=shuffle,
+            return DataLoader(examples, batch_size=batch_size, shuffle=False, collate_fn=self.collate, num_workers=0)
+        # A dedicated generator makes the shuffling order a function of the seed alone; the sampler is the one
+        # `shuffle=True` makes, able to record and resume its place in an epoch.
+        generator = torch.Generator().manual_seed(self.seed)
+        self.train_sampler = ResumableRandomSampler(examples, generator)
+        if self._pending_order is not None:
+            self.train_sampler.load_state_dict(self._pending_order)
+            self._pending_order = None
+        return DataLoader(examples, batch_size=batch_size, sampler=self.train_sampler,
                           collate_fn=self.collate, generator=generator, num_workers=0)
+
+    def train_order_state(self, batches_done: int, epoch_finished: bool) -> dict:
+        """Where the training order stands after `batches_done` batches of the current epoch (for a resume
+        checkpoint)."""
+        return self.train_sampler.state_dict(batches_done * self.train_cfg.batch_size, epoch_finished)
+
+    def resume_train_order(self, state: dict) -> None:
+        """Continue the training order from `state` (applied when the training loader is made, or now)."""
+        if self.train_sampler is not None:
+            self.train_sampler.load_state_dict(state)
+        else:
+            self._pending_order = state
+
 
     def train_dataloader(self):
         return self._loader("train", True, self.train_cfg.batch_size)
@@ -128,3 +155,41 @@ class TaskDataModule(pl.LightningDataModule):
         loader = DataLoader(examples, batch_size=batch_size or self.train_cfg.eval_batch_size,
                             shuffle=False, collate_fn=self.collate)
         return list(loader)
+
+
+class ResumableRandomSampler(RandomSampler):
+    """torch's RandomSampler (the same order, drawn from the same generator, as `DataLoader(shuffle=True)`)
+    that can say where it stands and start an epoch part-way.
+
+    A run resumed mid-epoch must see the rest of that epoch's permutation, and later epochs the permutations
+    the uninterrupted run would have drawn. So the state is the generator's state just before the epoch's
+    permutation was drawn and how many examples of it were trained on; at an epoch's end, the generator's
+    state as it is (the next epoch draws from it). Restoring sets the generator back and skips what was done.
+    Exact with one process and `num_workers=0` (a distributed sampler reshards the order and keeps no state).
+    """
+
+    def __init__(self, data_source, generator: torch.Generator):
+        super().__init__(data_source, generator=generator)
+        self.epoch_start_state = generator.get_state()
+        self._resume: Optional[tuple[torch.Tensor, int]] = None
+
+    def __iter__(self):
+        if self._resume is not None:
+            state, skip = self._resume
+            self._resume = None
+            self.generator.set_state(state)
+        else:
+            skip = 0
+        self.epoch_start_state = self.generator.get_state()
+        yield from itertools.islice(super().__iter__(), skip, None)
+
+    def state_dict(self, examples_done: int, epoch_finished: bool) -> dict:
+        if epoch_finished:
+            return {"generator": self.generator.get_state(), "skip": None}
+        return {"generator": self.epoch_start_state, "skip": examples_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["skip"] is None:  # the next epoch draws from the generator as it was at the checkpoint
+            self.generator.set_state(state["generator"])
+        else:
+            self._resume = (state["generator"], int(state["skip"]))

@@ -15,6 +15,7 @@ from llmk_lab.export.model import compare_outputs, one_line
 from llmk_lab.masks import PRUNED_BASE, save_pruned_base
 from llmk_lab.reference import CHECK_EXAMPLES, check_subset, outputs_by_length, reference_inputs
 from llmk_lab.training import pooling
+from llmk_lab.paths import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ def _write_adapter(ctx, strategy, dest: Path) -> Optional[str]:
         "format": strategy.adapter_format, "base_model": origin["resolved"],
         "base_model_configured": origin.get("name_or_path"), "base_kwargs": kwargs,
         "pruned_base": PRUNED_BASE if pruned else None})
-    (dest / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_text_atomically(dest / INFO_FILE, json.dumps(info, indent=2) + "\n")
     ctx.reports["export/adapter_format"] = info["format"]
     # The examples model/ is checked on (CHECK_EXAMPLES), with the test stage's outputs where it kept them.
     batch_size = ctx.settings.train.eval_batch_size

@@ -16,6 +16,7 @@ from llmk_lab.measure import deployed
 from llmk_lab.reference import (CHECK_EXAMPLES, agreement, check_subset, load_reference, outputs_by_length,
                                 reference_inputs, run_outputs, save_reference)
 from llmk_lab.training import pooling
+from llmk_lab.paths import write_text_atomically
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _write_model(ctx, strategy, ours, inputs) -> Optional[str]:
     # outputs exactly only in the test loader's batches (outputs_by_length).
     info = task_info(task, ctx.settings.data, {"linear_sparsity": before["overall"],
                                                "eval_batch_size": int(ctx.settings.train.eval_batch_size), **extra})
-    (dest / INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
+    write_text_atomically(dest / INFO_FILE, json.dumps(info, indent=2) + "\n")
     ctx.reports["export/model_format"] = info["format"]
     reloaded, unused = load_exported(dest, info, loading_info=True)
     if unused:  # e.g. adapter modules inside the model: saved, but plain transformers has no place for them

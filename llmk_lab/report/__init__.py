@@ -27,6 +27,7 @@ from llmk_lab.report.plots import plot_trade_offs
 from llmk_lab.report.statistics import aggregate, best_row, metric_keys
 from llmk_lab.report.tables import markdown, write_csv
 from llmk_lab.sweep_layout import infer_direction, read_sweep_info, sweep_group
+from llmk_lab.paths import write_text_atomically
 
 __all__ = ["Job", "SweepReportResult", "aggregate", "collect_jobs", "infer_direction", "main", "pareto_front",
            "write_report"]
@@ -82,7 +83,7 @@ def write_report(sweep_dir: Path | str, optimized_metric: Optional[str] = None, 
     result.plots = plot_trade_offs(rows, columns, metrics, optimized, direction, sweep_dir / "plots", series)
     optuna_results = sweep_dir / "optimization_results.yaml"
     optuna = OmegaConf.to_container(OmegaConf.load(optuna_results)) if optuna_results.exists() else None
-    result.markdown.write_text(markdown(result, sweep_dir, fixed, optuna))
+    write_text_atomically(result.markdown, markdown(result, sweep_dir, fixed, optuna))
     write_csv(result.csv, rows, columns, metrics)
 
     logger_cfg = job_config_value(jobs, "logger")

@@ -10,6 +10,8 @@ from llmk_lab.report.pareto import TRADE_OFFS
 from llmk_lab.report.statistics import number
 from llmk_lab.sweep_layout import override_key
 
+from llmk_lab.paths import write_atomically
+
 PER_CLASS_PREFIXES = ("precision_", "recall_", "f1_")
 
 
@@ -101,8 +103,12 @@ def csv_header(columns: Sequence[str], metrics: Sequence[str]) -> list[str]:
 
 def write_csv(path: Path, rows: list[dict[str, Any]], columns: Sequence[str], metrics: Sequence[str]) -> None:
     header = csv_header(columns, metrics)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in header})
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=header, extrasaction="ignore")
+            writer.writeheader()
+            for row in rows:
+                writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in header})
+
+    write_atomically(path, write)
