@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import random
 import signal
 import subprocess
@@ -247,3 +248,37 @@ def test_a_full_disk_is_one_line_and_keeps_what_was_written(tmp_path: Path, smal
     metrics = json.loads((run_dir / "metrics.json").read_text())  # whole: written before the failing stage
     assert metrics["failed_stage"] == "export" and "test/acc" in metrics
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+@pytest.mark.slow
+def test_two_sweeps_started_together_over_a_fresh_cache_match_one_sweep_alone(tmp_path: Path):
+    """Both need the same tokenisation entry at the same moment: it is made once (one cache miss in all
+    four jobs), neither reads it half-written, and their figures equal a sweep's that ran alone."""
+    user_cache = Path(os.environ["LLMK_LAB_CACHE"])
+    fresh = tmp_path / "cache"
+    (fresh / "assets").mkdir(parents=True)
+    for entry in (user_cache / "assets").iterdir():  # the extracted assets, not the tokenised entries
+        (fresh / "assets" / entry.name).symlink_to(entry.resolve(), target_is_directory=entry.is_dir())
+    sweep = ["-m", "model=tiny_bert", "logger=none", "data.limit_train=32", "data.limit_eval=16",
+             "train.batch_size=16", "export.model=false", "hardware.threads=1", "seed=0,1"]
+    env = {**os.environ, "LLMK_LAB_CACHE": str(fresh), "WANDB_MODE": "offline"}
+    together = [subprocess.Popen([sys.executable, "-m", "llmk_lab", *sweep, f"hydra.sweep.dir={name}"], cwd=tmp_path,
+                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                for name in ("a", "b")]
+    for process in together:
+        assert process.wait(timeout=600) == 0, process.stderr.read()[-3000:]
+    alone = run_cli([*sweep, "hydra.sweep.dir=alone"], tmp_path, env={"LLMK_LAB_CACHE": str(fresh)})
+    assert alone.returncode == 0, alone.stderr[-3000:]
+
+    def jobs(name: str) -> list[dict]:
+        return [json.loads(p.read_text()) for p in sorted((tmp_path / name).glob("*/metrics.json"))]
+
+    a, b = jobs("a"), jobs("b")
+    assert len(a) == len(b) == 2
+    assert sum(not job["data/tokenization_cache_hit"] for job in a + b) == 1
+    entries = list((fresh / "tokenized").iterdir())
+    assert [p.suffix for p in entries if p.suffix != ".lock"] == [".pt"]  # one entry, no temporary file left
+    strip = [{k: v for k, v in job.items() if k.startswith(RESULT_PREFIXES) or k in RESULT_KEYS} for job in a]
+    for other in (b, jobs("alone")):
+        assert [{k: v for k, v in job.items() if k.startswith(RESULT_PREFIXES) or k in RESULT_KEYS}
+                for job in other] == strip
