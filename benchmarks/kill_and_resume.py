@@ -1,10 +1,11 @@
 """The default run, stopped three ways and resumed, against the same run uninterrupted:
-`python experiments/fault_tolerance/kill_and_resume.py [WORKDIR]` writes results.md beside this file.
+`python benchmarks/kill_and_resume.py [WORKDIR]` prints the comparison (a markdown table; README, "Runs that
+survive interruptions", records it).
 
 Each stopped run is `python -m llmk_lab` (the embedded default, a resume checkpoint every 10 steps) killed
 with SIGKILL at a random training step, inside the evaluation stage and inside the export stage, then the
 same command with `sweep.resume=true`; its metrics.json is compared, figure by figure, with the
-uninterrupted run's (timings, throughput and the run directory aside: they are not results).
+uninterrupted run's (timings, throughput and paths inside the run directory aside: they are not results).
 """
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 ARGS = ["sweep.checkpoint_every_n_steps=10"]
 NOT_RESULTS = ("time/", "wall_time_s", "run_dir", "train/examples_per_s", "train/seconds", "train/peak_memory_mb",
-               "latency/", "data/tokenize_seconds", "data/tokenization_cache_hit", "exports", "compression")
+               "latency/", "throughput/", "data/tokenize_seconds", "data/tokenization_cache_hit", "exports",
+               "compression")
 
 
 def start(run_dir: Path, *extra: str) -> subprocess.Popen:
@@ -30,7 +31,9 @@ def start(run_dir: Path, *extra: str) -> subprocess.Popen:
 
 def figures(run_dir: Path) -> dict:
     metrics = json.loads((run_dir / "metrics.json").read_text())
-    return {k: v for k, v in metrics.items() if not k.startswith(NOT_RESULTS)}
+    # Paths inside the run's own directory (the exported model's folder) differ by the directory's name.
+    return {k: v for k, v in metrics.items()
+            if not k.startswith(NOT_RESULTS) and not (isinstance(v, str) and str(run_dir) in v)}
 
 
 def stage_of(run_dir: Path):
@@ -72,10 +75,8 @@ def main() -> None:
              " differing |", "|---|---|---|---|---|---|"]
     for when, stopped, from_checkpoint, code, n, differing in rows:
         lines.append(f"| {when} | {stopped} | {from_checkpoint} | {code} | {n} | {', '.join(differing) or 'none'} |")
-    (HERE / "results.md").write_text(
-        "# Kill -9 and resume: the default run\n\n`python experiments/fault_tolerance/kill_and_resume.py` "
-        f"(test/acc of the uninterrupted run: {reference.get('test/acc')})\n\n" + "\n".join(lines) + "\n")
-    print((HERE / "results.md").read_text())
+    print(f"`python benchmarks/kill_and_resume.py` (test/acc of the uninterrupted run: {reference.get('test/acc')})\n")
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":
