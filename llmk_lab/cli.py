@@ -97,12 +97,15 @@ def _run_unlocked(cfg: DictConfig, run_dir: Path, name: str, group, overrides: l
     except SystemExit as stop:
         # Lightning's SIGTERM path (a scheduler's preemption or time limit; SIGUSR1 is made SIGTERM) ends
         # fit with SIGTERMException once the resume checkpoint is written: exit as an interrupted job.
-        from pytorch_lightning.utilities.exceptions import SIGTERMException  # imported by the run already
+        # Both imported by the run already (the command line itself stays light).
+        from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+        from llmk_lab.jobs import resume_checkpoint_path
 
         if not isinstance(stop, SIGTERMException):
             raise
         print(f"stopped by a signal; run again with sweep.resume=true to continue from "
-              f"{run_dir / 'checkpoints' / 'resume.ckpt'}", file=sys.stderr)
+              f"{resume_checkpoint_path(run_dir)}", file=sys.stderr)
         sys.exit(PREEMPTED_EXIT_CODE)
     except (UserError, Exception) as err:  # noqa: B014  (UserError first: it is the expected case)
         line = str(err).splitlines()[0] if str(err) else type(err).__name__
